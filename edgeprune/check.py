@@ -1,0 +1,77 @@
+"""Compile one target/precision and check the artifact: parity, accuracy, latency, budgets."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .config import Precision, TargetConfig
+from .export import compare_outputs, run_batched, torch_logits
+
+if TYPE_CHECKING:
+    from .backends.base import CompiledArtifact
+    from .pipeline import Inputs, Run
+
+EVAL_BATCH = 256
+
+
+def compile_target(run: "Run", inp: "Inputs", onnx_path: Path, target: TargetConfig,
+                   precision: Precision) -> "CompiledArtifact":
+    from .backends import get_backend
+
+    backend = get_backend(target.backend.value)
+    out_dir = run.dir / "artifacts" / target.name / precision.value
+    calib = inp.calibration.data.images.numpy() if precision == Precision.int8 else None
+    t0 = time.perf_counter()
+    artifact = backend.compile(onnx_path, out_dir, target=target, precision=precision, calibration=calib)
+    artifact.meta["compile_seconds"] = round(time.perf_counter() - t0, 3)
+    return artifact
+
+
+def artifact_batch(target: TargetConfig) -> int:
+    return EVAL_BATCH if target.dynamic_batch else target.batch_size
+
+
+def check_artifact(run: "Run", inp: "Inputs", model: torch.nn.Module, artifact: "CompiledArtifact",
+                   target: TargetConfig) -> dict:
+    """Parity with the pruned FP32 PyTorch model, accuracy on the eval split, latency, gates."""
+    from .backends import get_backend
+    from .bench import bench_artifact
+
+    runner = get_backend(artifact.backend).load(artifact, target=target)
+    bs = artifact_batch(target)
+    held_out = inp.eval.images[: run.cfg.export.parity_images]
+    parity = compare_outputs(torch_logits(model, held_out), run_batched(runner, held_out.numpy(), bs))
+    logits = run_batched(runner, inp.eval.images.numpy(), bs)  # (N, K)
+    accuracy = float(np.mean(logits.argmax(1) == inp.eval.labels.numpy()))
+    bench = bench_artifact(artifact, target=target, cfg=run.cfg.bench, progress=run.progress)
+    return summarize(artifact, target, parity.to_dict(), accuracy, bench, run.report["accuracy"]["baseline"],
+                     root=run.dir)
+
+
+def summarize(artifact: "CompiledArtifact", target: TargetConfig, parity: dict, accuracy: float, bench: dict,
+              baseline: float, *, root: Path) -> dict:
+    """One report row for an artifact, with its budget verdict."""
+    first = bench["results"][0]
+    drop = round(100 * (baseline - accuracy), 3)
+    lat_ok = target.latency_budget_ms is None or first["p50"] <= target.latency_budget_ms
+    acc_ok = drop <= target.accuracy_drop_budget_pt and parity["top1_agreement"] >= target.min_top1_agreement
+    files = [Path(f) for f in artifact.files]
+    return {
+        "target": target.name, "backend": artifact.backend, "device": artifact.device,
+        "precision": artifact.precision, "path": str(Path(artifact.path).relative_to(root)),
+        "size_bytes": sum(f.stat().st_size for f in files if f.exists()),
+        "parity": {k: round(v, 6) if isinstance(v, float) else v for k, v in parity.items()},
+        "accuracy": round(accuracy, 5), "accuracy_drop_pt": drop,
+        "latency_ms": {k: round(first[k], 4) for k in ("p50", "p90", "p95", "p99", "min", "max", "mean")},
+        "throughput": round(first["throughput"], 2), "batch_size": first["batch_size"],
+        "latency_by_batch": bench["results"], "latency_samples_ms": first.get("samples_ms", []),
+        "budget": {"latency_budget_ms": target.latency_budget_ms, "latency_ok": lat_ok,
+                   "accuracy_drop_budget_pt": target.accuracy_drop_budget_pt, "accuracy_ok": acc_ok,
+                   "min_top1_agreement": target.min_top1_agreement},
+        "status": "ok" if (lat_ok and acc_ok) else "failed",
+        "env": bench.get("env", {}), "meta": artifact.meta,
+    }

@@ -1,0 +1,110 @@
+"""`edgeprune run` (the whole pipeline) and `edgeprune export` (one stage)."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+
+from ..config import PipelineConfig, dump_yaml, load_pipeline_config, resolve_targets
+from ..errors import ConfigError
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key.sub=value`` pairs; values parsed as YAML scalars (2.0, true, [a, b])."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value (e.g. prune.target_macs_reduction=3), got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+    return out
+
+
+def build_config(config: Optional[Path], overrides: list[str], **direct: Any) -> PipelineConfig:
+    values = parse_overrides(overrides)
+    values.update({k: v for k, v in direct.items() if v is not None})
+    return load_pipeline_config(config, values)
+
+
+def plan_text(cfg: PipelineConfig, targets) -> str:
+    lines = [dump_yaml(cfg).rstrip(), "", "targets:"]
+    for t in targets:
+        where = f" on {t.host.host}" if t.host else ""
+        lines.append(f"  - {t.name}: {t.backend.value} {t.device}{where}, "
+                     f"precisions {', '.join(p.value for p in t.precisions)}, round_to {t.round_to}, "
+                     f"latency budget {t.latency_budget_ms or '-'} ms, accuracy drop budget {t.accuracy_drop_budget_pt} pt")
+    stages = ["load", f"score ({cfg.score.criterion})", "prune", "fine-tune", "export", "compile", "check+bench", "report"]
+    lines += ["", "stages: " + " -> ".join(stages)]
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def run(
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline YAML (default: bundled model)"),
+        target: list[str] = typer.Option([], "--target", "-t", help="target name, YAML path or glob; repeatable"),
+        name: Optional[str] = typer.Option(None, help="run name (folder under output_dir)"),
+        out: Optional[Path] = typer.Option(None, help="run directory (default output_dir/name)"),
+        set_: list[str] = typer.Option([], "--set", help="override a config key: prune.target_macs_reduction=3"),
+        weights: Optional[Path] = typer.Option(None, help="model weights (.safetensors or .pt state dict)"),
+        arch: Optional[str] = typer.Option(None, help="torchvision name or package.module:factory"),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a pickled whole model (runs code)"),
+        latency_budget_ms: Optional[float] = typer.Option(None, help="latency-driven pruning to this p50 budget"),
+        resume: bool = typer.Option(False, help="continue the unfinished run in <out>.partial"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved plan and exit"),
+        fail_on_gate: Optional[bool] = typer.Option(None, "--fail-on-gate/--no-fail-on-gate",
+                                                    help="exit non-zero when an artifact breaks its budget"),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ) -> None:
+        """Run the whole pipeline: score, prune, fine-tune, export, compile, check, benchmark, report."""
+        direct = {"name": name, "model.weights": str(weights) if weights else None, "model.arch": arch,
+                  "model.trust_pickle": True if trust_pickle else None, "fail_on_gate": fail_on_gate}
+        if target:
+            direct["targets"] = list(target)
+        cfg = build_config(config, set_, **direct)
+        targets = resolve_targets(cfg.targets)
+        if latency_budget_ms is not None:
+            for t in targets:
+                t.latency_budget_ms = latency_budget_ms
+        if dry_run:
+            typer.echo(plan_text(cfg, targets))
+            return
+        from ..pipeline import gate, run_pipeline
+        from ..report import summary_table
+
+        command = "edgeprune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        result = run_pipeline(cfg, targets, resume=resume, out=out, progress=progress, command=command)
+        typer.echo(summary_table(result.report))
+        typer.echo(f"\nrun directory: {result.run_dir}")
+        if cfg.fail_on_gate:
+            gate(result)
+
+    @app.command()
+    def export(
+        pruned: Path = typer.Argument(..., help="pruned model folder (from `edgeprune prune`/`run`)"),
+        out: Path = typer.Option(Path("model.onnx"), help="ONNX file to write"),
+        opset: int = typer.Option(17),
+        exporter: str = typer.Option("torchscript", help="torchscript | dynamo"),
+        dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch"),
+        parity_images: int = typer.Option(64, help="random inputs for the parity check"),
+    ) -> None:
+        """Export a pruned model to ONNX, run onnx.checker and check parity against PyTorch."""
+        import torch
+
+        from ..export import export_onnx, onnx_parity
+        from ..prune import load_pruned
+
+        model = load_pruned(pruned)
+        meta = __import__("json").loads((Path(pruned) / "pruned.json").read_text())
+        shape = tuple(meta["input_shape"])
+        images = torch.randn(parity_images, *shape, generator=torch.Generator().manual_seed(0))
+        export_onnx(model, images[:1], out, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter)
+        parity = onnx_parity(out, model, images, min_top1_agreement=0.99)
+        typer.echo(f"wrote {out}: max abs diff {parity.max_abs_diff:.3g}, top-1 agreement {parity.top1_agreement:.4f}")

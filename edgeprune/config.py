@@ -1,0 +1,314 @@
+"""Pydantic models for the pipeline and for a hardware target.
+
+Everything the user can set is validated here, before any model or data is loaded: an unknown
+key, a wrong type or an invalid value fails with the field, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, UnknownNameError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TARGETS_DIR = REPO_ROOT / "targets"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class BackendName(str, enum.Enum):
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+    tensorrt = "tensorrt"
+
+
+class DatasetKind(str, enum.Enum):
+    fashion_mnist = "fashion-mnist"
+    image_folder = "image-folder"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+
+
+class Preprocessing(Strict):
+    """How raw images become the model's input tensor. Recorded with every artifact."""
+
+    channels: int = Field(1, ge=1, le=4, description="1 = grayscale, 3 = RGB")
+    height: int = Field(28, ge=8, le=4096)
+    width: int = Field(28, ge=8, le=4096)
+    mean: list[float] = Field(default_factory=lambda: [0.2860])
+    std: list[float] = Field(default_factory=lambda: [0.3530])
+
+    @model_validator(mode="after")
+    def _check_stats(self) -> "Preprocessing":
+        for name in ("mean", "std"):
+            vals = getattr(self, name)
+            if len(vals) not in (1, self.channels):
+                raise ValueError(f"{name} has {len(vals)} values; give 1 or channels={self.channels}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be > 0, got {self.std}")
+        return self
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+
+class ModelConfig(Strict):
+    arch: str = Field("edgeprune.zoo:fmnist_cnn", description="torchvision name or package.module:factory")
+    weights: Optional[Path] = Field(Path("edgeprune/assets/fmnist_cnn.safetensors"),
+                                    description=".safetensors, weights-only .pt, or null for random init")
+    num_classes: int = Field(10, ge=2)
+    in_channels: Optional[int] = Field(None, description="defaults to preprocessing.channels")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    trust_pickle: bool = Field(False, description="allow loading a whole pickled model (runs code!)")
+
+
+class DataConfig(Strict):
+    kind: DatasetKind = DatasetKind.fashion_mnist
+    root: Optional[Path] = Field(None, description="idx folder or image-folder root; default: Debian path")
+    eval_root: Optional[Path] = Field(None, description="image-folder eval split (default root/val or root/test)")
+    calibration: Path = Field(Path("calibration/fashion-mnist-500"), description="calibration image folder")
+    calibration_count: int = Field(500, ge=1)
+    min_calibration: int = Field(64, ge=1, description="fewer calibration images than this are refused")
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="held-out part of train for early stop")
+    max_train_images: Optional[int] = Field(None, ge=1)
+    max_eval_images: Optional[int] = Field(None, ge=1)
+    class_names: Optional[list[str]] = None
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    batch_size: int = Field(256, ge=1)
+
+
+class ScoreConfig(Strict):
+    criterion: str = "sae-mi"
+    num_images: int = Field(512, ge=8)
+    levels: int = Field(8, ge=2, le=256, description="gray levels G")
+    radius: int = Field(1, ge=1, le=8, description="Chebyshev neighbourhood radius r")
+    quantization: str = Field("minmax", description="minmax | percentile | quantile")
+    use_predicted_labels: bool = Field(False, description="label by the unpruned model's prediction")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PruneConfig(Strict):
+    target_macs_reduction: Optional[float] = Field(2.0, gt=1.0, description="MACs before / after")
+    target_params_reduction: Optional[float] = Field(None, gt=1.0)
+    ratio: Optional[float] = Field(None, gt=0.0, lt=1.0, description="fixed channel ratio instead of a target")
+    max_layer_ratio: float = Field(0.8, gt=0.0, lt=1.0)
+    round_to: Optional[int] = Field(None, ge=1, description="channel multiple; default from the target")
+    global_ranking: bool = False
+    normalize: str = Field("mean", description="per-layer score normalization: mean | max | sum | none")
+    iterative_steps: int = Field(1, ge=1)
+    rescore_between_steps: bool = False
+    ignore: list[str] = Field(default_factory=list, description="module names to leave alone")
+    tolerance: float = Field(0.02, gt=0.0, lt=0.5)
+
+
+class FinetuneConfig(Strict):
+    epochs: float = Field(2.0, ge=0.0)
+    lr: float = Field(0.01, gt=0.0)
+    optimizer: str = Field("sgd", description="sgd | adamw")
+    schedule: str = Field("cosine", description="cosine | step | constant")
+    warmup_epochs: float = Field(0.1, ge=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    kd_alpha: float = Field(0.7, ge=0.0, le=1.0, description="weight of the distillation loss")
+    kd_temperature: float = Field(4.0, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: Optional[float] = Field(5.0, gt=0.0)
+    batch_size: int = Field(128, ge=1)
+    patience: Optional[int] = Field(None, ge=1, description="early stop after N evaluations without gain")
+    evals_per_epoch: int = Field(1, ge=1)
+    amp: bool = Field(True, description="mixed precision on CUDA only")
+    seed: int = 0
+    workers: int = Field(0, ge=0)
+
+
+class ExportConfig(Strict):
+    exporter: str = Field("torchscript", description="torchscript (legacy, fast) | dynamo (torch.export, opset >= 18)")
+    opset: int = Field(17, ge=11, le=21)
+    dynamic_batch: bool = True
+    parity_images: int = Field(256, ge=1)
+    max_abs_diff: float = Field(1e-3, gt=0.0, description="relative to the output scale")
+    min_top1_agreement: float = Field(0.995, ge=0.0, le=1.0)
+
+
+class BenchConfig(Strict):
+    warmup_runs: int = Field(20, ge=0)
+    warmup_s: float = Field(0.5, ge=0.0)
+    min_runs: int = Field(100, ge=1)
+    min_time_s: float = Field(2.0, ge=0.0)
+    max_time_s: float = Field(60.0, gt=0.0)
+    batch_sizes: Optional[list[int]] = None
+    include_preprocessing: bool = False
+
+
+class RemoteConfig(Strict):
+    host: str = Field(..., description="OpenSSH destination (user@host or a ~/.ssh/config alias)")
+    workdir: str = "~/edgeprune-remote"
+    edgeprune: str = Field("edgeprune", description="command that runs edgeprune on the box")
+    ssh_options: list[str] = Field(default_factory=list)
+    connect_timeout_s: int = Field(10, ge=1)
+
+
+class TargetConfig(Strict):
+    """One hardware target: a box, a runtime, a device and the precisions to ship."""
+
+    name: str
+    description: str = ""
+    backend: BackendName
+    device: str = Field("CPU", description="ORT provider, OpenVINO device, or TensorRT GPU/DLA:n")
+    precisions: list[Precision] = Field(default_factory=lambda: [Precision.fp32])
+    batch_size: int = Field(1, ge=1)
+    dynamic_batch: bool = False
+    max_batch_size: int = Field(8, ge=1)
+    threads: Optional[int] = Field(None, ge=1)
+    round_to: int = Field(8, ge=1, description="channel multiple for pruning")
+    latency_budget_ms: Optional[float] = Field(None, gt=0.0)
+    accuracy_drop_budget_pt: float = Field(1.0, ge=0.0)
+    min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
+    host: Optional[RemoteConfig] = None
+    options: dict[str, Any] = Field(default_factory=dict, description="backend-specific settings")
+
+    @field_validator("precisions")
+    @classmethod
+    def _nonempty(cls, v: list[Precision]) -> list[Precision]:
+        if not v:
+            raise ValueError("at least one precision is needed (fp32, fp16, int8)")
+        return v
+
+
+class PipelineConfig(Strict):
+    name: str = "default"
+    output_dir: Path = Path("runs")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime"])
+    fail_on_gate: bool = True
+    device: str = Field("auto", description="torch device for scoring and fine-tuning: auto | cpu | cuda")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str, model: type[BaseModel]) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            parent = _walk(model, e["loc"][:-1])
+            valid = ", ".join(sorted(parent.model_fields)) if parent else "?"
+            lines.append(f"  - unknown key {loc!r} (value {value!r}); valid keys here: {valid}")
+        else:
+            lines.append(f"  - {loc}: {e['msg']} (got {value!r})")
+    return "\n".join(lines)
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
+    cur: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(cur, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                cur = cand
+                break
+        else:
+            return None
+    return cur
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"malformed YAML in {path}: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source, model)) from None
+
+
+def load_pipeline_config(path: Optional[Path] = None, overrides: Optional[dict[str, Any]] = None) -> PipelineConfig:
+    data = read_yaml(path) if path else {}
+    for dotted, value in (overrides or {}).items():
+        cur = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            cur = cur.setdefault(p, {})
+            if not isinstance(cur, dict):
+                raise ConfigError(f"cannot set {dotted!r}: {p!r} is not a mapping")
+        cur[leaf] = value
+    return parse(PipelineConfig, data, str(path) if path else "<defaults>")
+
+
+def target_paths(targets_dir: Path = TARGETS_DIR) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(Path(targets_dir).glob("*.yaml"))}
+
+
+def load_target(name_or_path: str | Path, targets_dir: Path = TARGETS_DIR) -> TargetConfig:
+    """Load a target by name (``targets/<name>.yaml``) or by path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        path = p
+    else:
+        known = target_paths(targets_dir)
+        if str(name_or_path) not in known:
+            raise UnknownNameError(
+                f"unknown target {str(name_or_path)!r}; valid: {', '.join(known) or '(none)'}"
+            )
+        path = known[str(name_or_path)]
+    data = read_yaml(path)
+    data.setdefault("name", path.stem)
+    return parse(TargetConfig, data, str(path))
+
+
+def resolve_targets(patterns: list[str], targets_dir: Path = TARGETS_DIR) -> list[TargetConfig]:
+    """Names, paths or globs (``intel-*``) to validated targets, in the order given."""
+    import fnmatch
+
+    out: list[TargetConfig] = []
+    known = target_paths(targets_dir)
+    for pat in patterns:
+        if any(ch in pat for ch in "*?[") and not pat.endswith((".yaml", ".yml")):
+            names = [n for n in known if fnmatch.fnmatch(n, pat)]
+            if not names:
+                raise UnknownNameError(f"target pattern {pat!r} matches nothing; valid: {', '.join(known)}")
+            out.extend(load_target(n, targets_dir) for n in names)
+        else:
+            out.append(load_target(pat, targets_dir))
+    return out
+
+
+def dump_yaml(model: BaseModel) -> str:
+    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)

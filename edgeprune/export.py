@@ -1,0 +1,111 @@
+"""ONNX export, then onnx.checker, then parity against PyTorch on held-out images (timm-style)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ExportError
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+EXPORTERS = ("torchscript", "dynamo")
+
+
+@dataclass
+class Parity:
+    max_abs_diff: float
+    rel_max_abs_diff: float  # max abs diff / max |reference output|
+    top1_agreement: float
+    n_images: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, opset: int = 17,
+                dynamic_batch: bool = True, exporter: str = "torchscript") -> Path:
+    """Export ``model`` (eval mode, CPU) to ``path``, written atomically, and run onnx.checker."""
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; valid: {', '.join(EXPORTERS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".onnx.tmp")
+    model = model.eval().cpu()
+    example = example.cpu()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                dyn = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
+                torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=max(opset, 18),
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dyn,
+                                  external_data=False)
+            else:
+                axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+                torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=opset,
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+                                  do_constant_folding=True)
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"ONNX export of {type(model).__name__} failed ({exporter}, opset {opset}): {exc}",
+                          hint=f"try the other exporter ({', '.join(EXPORTERS)}) or another opset") from exc
+    os.replace(tmp, path)
+    return path
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> Parity:
+    """Both (N, K) logits."""
+    if reference.shape != candidate.shape:
+        raise ExportError(f"output shape {candidate.shape} differs from the reference {reference.shape}")
+    diff = float(np.max(np.abs(reference - candidate))) if reference.size else 0.0
+    scale = float(np.max(np.abs(reference))) or 1.0
+    agree = float(np.mean(reference.argmax(1) == candidate.argmax(1))) if len(reference) else 1.0
+    return Parity(diff, diff / scale, agree, len(reference))
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    model = model.eval().cpu()
+    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]).numpy()
+
+
+def run_batched(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Run a runner over (N, C, H, W) in batches of ``batch_size`` (the last one padded if needed)."""
+    outs = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        n = len(chunk)
+        if n < batch_size:  # static-batch artifacts need full batches
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+        outs.append(np.asarray(fn(np.ascontiguousarray(chunk, dtype=np.float32)))[:n])
+    return np.concatenate(outs)
+
+
+def onnx_parity(path: Path, model: nn.Module, images: torch.Tensor, *, max_rel_diff: float = 1e-3,
+                min_top1_agreement: float = 0.995, batch_size: Optional[int] = 64) -> Parity:
+    """ONNX Runtime (CPU) against PyTorch on ``images``; raises ExportError beyond the tolerances."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = torch_logits(model, images)
+    fixed = sess.get_inputs()[0].shape[0]
+    bs = fixed if isinstance(fixed, int) else (batch_size or len(images))
+    got = run_batched(lambda x: sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0], images.numpy(), bs)
+    parity = compare_outputs(ref, got)
+    if parity.rel_max_abs_diff > max_rel_diff or parity.top1_agreement < min_top1_agreement:
+        raise ExportError(
+            f"ONNX parity failed for {path}: max abs diff {parity.max_abs_diff:.3g} "
+            f"({parity.rel_max_abs_diff:.3g} of the output scale, allowed {max_rel_diff:g}), "
+            f"top-1 agreement {parity.top1_agreement:.4f} (required {min_top1_agreement})")
+    return parity
