@@ -52,6 +52,28 @@ def check_artifact(run: "Run", inp: "Inputs", model: torch.nn.Module, artifact: 
                      root=run.dir)
 
 
+def check_remote(run: "Run", inp: "Inputs", model: torch.nn.Module, onnx_path: Path,
+                 target: TargetConfig) -> list[dict]:
+    """Compile, check and benchmark on the target's box over OpenSSH; parity is computed here
+    from the eval logits the box sends back."""
+    from .backends.base import CompiledArtifact
+    from .remote import run_remote
+
+    n = run.cfg.export.parity_images
+    reference = torch_logits(model, inp.eval.images[:n])
+    results = run_remote(target, onnx_path=onnx_path, calibration=inp.calibration.data.images.numpy(),
+                         eval_data=(inp.eval.images.numpy(), inp.eval.labels.numpy()),
+                         out_dir=run.dir / "artifacts", precisions=target.precisions, bench_cfg=run.cfg.bench)
+    rows = []
+    for r in results:
+        parity = compare_outputs(reference, np.load(r["logits_path"])[:n])
+        row = summarize(CompiledArtifact.from_dict(r["artifact"]), target, parity.to_dict(), r["accuracy"],
+                        r["bench"], run.report["accuracy"]["baseline"], root=run.dir)
+        row["remote"] = r["remote"]
+        rows.append(row)
+    return rows
+
+
 def summarize(artifact: "CompiledArtifact", target: TargetConfig, parity: dict, accuracy: float, bench: dict,
               baseline: float, *, root: Path) -> dict:
     """One report row for an artifact, with its budget verdict."""

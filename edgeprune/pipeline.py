@@ -233,17 +233,20 @@ def stage_export(run: Run, inp: Inputs, model: torch.nn.Module) -> Path:
 
 
 def stage_compile_and_check(run: Run, inp: Inputs, model: torch.nn.Module, onnx_path: Path) -> list[dict]:
-    from .check import check_artifact, compile_target
+    from .check import check_artifact, check_remote, compile_target
 
     if run.done("compile"):
         return run.report["artifacts"]
     run.report["calibration"] = inp.calibration.summary()
     artifacts: list[dict] = []
     for target in run.targets:
-        for precision in target.precisions:
-            artifact = compile_target(run, inp, onnx_path, target, precision)
-            artifacts.append(check_artifact(run, inp, model, artifact, target))
-            run.report["artifacts"] = artifacts
+        if target.host is not None:  # compiled, checked and measured on the box itself
+            artifacts.extend(check_remote(run, inp, model, onnx_path, target))
+        else:
+            for precision in target.precisions:
+                artifact = compile_target(run, inp, onnx_path, target, precision)
+                artifacts.append(check_artifact(run, inp, model, artifact, target))
+        run.report["artifacts"] = artifacts
     run.mark("compile")
     return artifacts
 

@@ -1,0 +1,269 @@
+"""Pruning quality on Fashion-MNIST: top-1 at equal MACs per criterion, after the same fine-tuning.
+
+For each model (VGG-style ``fmnist_cnn``, ResNet-style ``fmnist_resnet``), criterion and MACs target:
+score on a 512-image calibration sample of the train split, prune with torch-pruning to the target,
+fine-tune (distillation from the unpruned model, same budget for every criterion), evaluate top-1
+on the full 10k test set. Every finished cell is saved as JSON and skipped on rerun, so the table
+can be filled over several runs. Baselines are trained once and cached (resumable) in
+benchmarks/results/cache/.
+
+    python benchmarks/pruning_quality.py            # the full table (hours on 2 CPU cores)
+    python benchmarks/pruning_quality.py --quick    # < 15 min: 1 model, 4 criteria, 2x, 1 seed, short budget
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CACHE = RESULTS / "cache"
+ASSET = HERE.parent / "edgeprune" / "assets" / "fmnist_cnn.safetensors"
+CRITERIA = ["sae-mi", "sae-kernel-mi", "mi", "sae", "l1", "taylor", "bn-scale", "random"]
+MODELS = {"vgg": "fmnist_cnn", "resnet": "fmnist_resnet"}
+BASELINE_GOAL = 0.93
+
+
+@dataclass
+class Budget:
+    finetune_epochs: float
+    train_limit: int | None  # fine-tuning images (None = the whole train split)
+    test_limit: int | None
+    baseline_epochs: float
+    calib: int = 512
+
+
+FULL = Budget(finetune_epochs=1.0, train_limit=None, test_limit=None, baseline_epochs=15.0)
+QUICK = Budget(finetune_epochs=0.5, train_limit=8000, test_limit=2000, baseline_epochs=0.3, calib=256)
+
+
+# ----------------------------------------------------------------------------- data and baselines
+
+
+def load_data(budget: Budget):
+    from edgeprune.config import Preprocessing
+    from edgeprune.data import load_fashion_mnist, train_val_split
+
+    pre = Preprocessing()
+    train_all = load_fashion_mnist(None, "train", pre)
+    test = load_fashion_mnist(None, "test", pre, limit=budget.test_limit)
+    train, val = train_val_split(train_all, 0.05, seed=0)  # 57000 / 3000
+    return train, val, test
+
+
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """Random horizontal flip and a random shift of up to 2 px (reflect pad, crop); x is (B, C, H, W)."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    h, w = x.shape[2:]
+    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")  # (B, C, H+4, W+4)
+    i, j = (int(v) for v in torch.randint(0, 5, (2,)))
+    return padded[:, :, i : i + h, j : j + w]
+
+
+def baseline(name: str, train, val, test, budget: Budget, device: str, quick: bool) -> tuple[torch.nn.Module, float]:
+    """The trained unpruned model: bundled weights if good enough, else trained once and cached."""
+    from safetensors.torch import load_file
+
+    from edgeprune import zoo
+    from edgeprune.config import FinetuneConfig
+    from edgeprune.finetune import evaluate, finetune
+    from edgeprune.models import save_safetensors
+
+    factory = getattr(zoo, MODELS[name])
+    if name == "vgg" and ASSET.is_file():
+        model = factory()
+        model.load_state_dict(load_file(str(ASSET)))
+        acc = evaluate(model.to(device), test, device=device)
+        if acc >= BASELINE_GOAL:
+            return model.eval(), acc
+        print(f"bundled {ASSET.name}: {acc:.4f} < {BASELINE_GOAL}; training our own baseline")
+    tag = f"{MODELS[name]}-e{budget.baseline_epochs:g}"
+    path = CACHE / f"{tag}.safetensors"
+    model = factory()
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+    else:
+        torch.manual_seed(0)
+        cfg = FinetuneConfig(epochs=budget.baseline_epochs, lr=0.05, batch_size=128,
+                             warmup_epochs=min(0.5, budget.baseline_epochs / 10),
+                             kd_alpha=0.0, label_smoothing=0.1, evals_per_epoch=1, seed=0)
+        res = finetune(model, None, train, val, cfg, ckpt_dir=CACHE / f"train-{tag}", device=device,
+                       augment=augment)
+        model = res.model
+        CACHE.mkdir(parents=True, exist_ok=True)
+        save_safetensors(model, path)
+    acc = evaluate(model.to(device), test, device=device)
+    if acc < BASELINE_GOAL:
+        print(f"warning: baseline {tag} is {acc:.4f} top-1, below the {BASELINE_GOAL} goal"
+              + (" (expected with --quick)" if quick else ""))
+    return model.eval(), acc
+
+
+# ----------------------------------------------------------------------------- one cell
+
+
+def calibration(train, seed: int, n: int):
+    g = torch.Generator().manual_seed(1000 + seed)
+    return train.subset(torch.randperm(len(train), generator=g)[:n])
+
+
+def prune_with(model, criterion: str, target: float, calib, seed: int, device: str):
+    from edgeprune.prune import prune_model
+    from edgeprune.scoring import make_importance, needs_gradients, score_model
+
+    model = model.to(device).eval()
+    scores = score_model(model, calib, criterion=criterion, device=device, progress=False)
+    importance = make_importance(criterion, scores)
+    x_cal, y_cal = calib.images[:256].to(device), calib.labels[:256].to(device)
+
+    def backward(m, _step):  # Taylor needs gradients on the model being pruned
+        m.zero_grad()
+        F.cross_entropy(m(x_cal), y_cal).backward()
+
+    torch.manual_seed(seed)  # the random criterion
+    t0 = time.perf_counter()
+    res = prune_model(model, x_cal[:1], importance, target_macs_reduction=target, round_to=None, progress=False,
+                      scores=scores.scores or None, before_step=backward if needs_gradients(criterion) else None)
+    return res, scores.seconds, time.perf_counter() - t0
+
+
+def run_cell(key: str, model_name: str, teacher, base_acc: float, criterion: str, target: float, seed: int,
+             data, budget: Budget, device: str, out_dir: Path) -> dict:
+    from edgeprune.config import FinetuneConfig
+    from edgeprune.finetune import evaluate, finetune
+
+    train, val, test = data
+    pr, score_s, prune_s = prune_with(teacher, criterion, target, calibration(train, seed, budget.calib), seed,
+                                      device)
+    acc_pruned = evaluate(pr.model, test, device=device)
+    ft_train = train if budget.train_limit is None else train.subset(range(budget.train_limit))
+    cfg = FinetuneConfig(epochs=budget.finetune_epochs, lr=0.01, batch_size=128, warmup_epochs=0.05, kd_alpha=0.7,
+                         kd_temperature=4.0, evals_per_epoch=2, seed=seed)
+    ft = finetune(pr.model, teacher, ft_train, val, cfg, ckpt_dir=CACHE / "ckpt" / out_dir.name / key,
+                  device=device, progress=False)
+    top1 = evaluate(ft.model, test, device=device)
+    return {"key": key, "model": model_name, "criterion": criterion, "target_macs_reduction": target, "seed": seed,
+            "top1": top1, "baseline_top1": base_acc, "drop_pt": 100 * (base_acc - top1),
+            "top1_before_finetune": acc_pruned, "macs_reduction": pr.macs_reduction,
+            "params_reduction": pr.params_reduction, "scoring_s": score_s, "prune_s": prune_s,
+            "finetune_s": ft.seconds, "finetune_epochs": ft.epochs_run, "best_val": ft.best_val_acc,
+            "device": device, "test_images": len(test), "finetune_images": len(ft_train)}
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _ms(vals: list[float], fmt: str) -> str:
+    if not vals:
+        return "-"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{format(statistics.mean(vals), fmt)} ± {format(sd, fmt)}"
+
+
+def table(cells: list[dict], title: str, command: str) -> str:
+    lines = [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {machine()}  ",
+             f"Cells: {len(cells)} (top-1 on the Fashion-MNIST test set, mean ± std over seeds)", ""]
+    for model in sorted({c["model"] for c in cells}):
+        rows = [c for c in cells if c["model"] == model]
+        base = rows[0]["baseline_top1"]
+        lines += [f"## {model} (unpruned top-1 {100 * base:.2f} %)", "",
+                  "| target | criterion | seeds | top-1 % | drop pt | before FT % | MACs x | scoring s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for tgt in sorted({c["target_macs_reduction"] for c in rows}):
+            for crit in CRITERIA:
+                cs = [c for c in rows if c["target_macs_reduction"] == tgt and c["criterion"] == crit]
+                if not cs:
+                    continue
+                pick = lambda k, s=1.0: [s * c[k] for c in cs]  # noqa: E731
+                lines.append(f"| {tgt:g}x | {crit} | {len(cs)} | {_ms(pick('top1', 100), '.2f')} | "
+                             f"{_ms(pick('drop_pt'), '.2f')} | {_ms(pick('top1_before_finetune', 100), '.1f')} | "
+                             f"{_ms(pick('macs_reduction'), '.2f')} | {_ms(pick('scoring_s'), '.2f')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    return f"{platform.node()} {platform.processor() or platform.machine()}, {dev}, torch {torch.__version__}"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="< 15 min: vgg, 4 criteria, 2x, seed 0, short budget")
+    ap.add_argument("--models", default=None, help="comma list of vgg,resnet")
+    ap.add_argument("--criteria", default=None, help=f"comma list of {','.join(CRITERIA)}")
+    ap.add_argument("--targets", default=None, help="comma list of MACs reductions (default 2,3)")
+    ap.add_argument("--seeds", default=None, help="comma list (default 0,1,2)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return ap.parse_args(argv)
+
+
+def plan(args) -> tuple[list[str], list[str], list[float], list[int], Budget]:
+    split = lambda s, d: d if s is None else [t.strip() for t in s.split(",") if t.strip()]  # noqa: E731
+    if args.quick:
+        models, crits, targets, seeds = ["vgg"], ["sae-mi", "mi", "l1", "random"], ["2"], ["0"]
+    else:
+        models, crits, targets, seeds = list(MODELS), CRITERIA, ["2", "3"], ["0", "1", "2"]
+    models, crits = split(args.models, models), split(args.criteria, crits)
+    bad = [m for m in models if m not in MODELS] + [c for c in crits if c not in CRITERIA]
+    if bad:
+        sys.exit(f"unknown model/criterion {bad}; valid models {list(MODELS)}, criteria {CRITERIA}")
+    targets = [float(t) for t in split(args.targets, targets)]
+    return models, crits, targets, [int(s) for s in split(args.seeds, seeds)], QUICK if args.quick else FULL
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    models, crits, targets, seeds, budget = plan(args)
+    name = "pruning_quality_quick" if args.quick else "pruning_quality"
+    out_dir = RESULTS / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_data(budget)
+    for model_name in models:
+        teacher, base_acc = baseline(model_name, *data, budget, device, args.quick)
+        print(f"{model_name}: baseline top-1 {base_acc:.4f}", flush=True)
+        for target in targets:
+            for crit in crits:
+                for seed in seeds:
+                    key = f"{model_name}-{crit}-{target:g}x-s{seed}"
+                    path = out_dir / f"{key}.json"
+                    if path.is_file():
+                        continue
+                    t0 = time.perf_counter()
+                    cell = run_cell(key, model_name, teacher, base_acc, crit, target, seed, data, budget, device,
+                                    out_dir)
+                    cell["cell_s"] = time.perf_counter() - t0
+                    path.write_text(json.dumps(cell, indent=1))
+                    print(f"{key}: top-1 {cell['top1']:.4f} (drop {cell['drop_pt']:.2f} pt, MACs "
+                          f"{cell['macs_reduction']:.2f}x, scoring {cell['scoring_s']:.2f} s, cell {cell['cell_s']:.0f} s)",
+                          flush=True)
+                    write_table(out_dir, name, args)
+    write_table(out_dir, name, args)
+
+
+def write_table(out_dir: Path, name: str, args) -> None:
+    cells = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
+    cmd = "python benchmarks/pruning_quality.py" + (" --quick" if args.quick else "")
+    title = "Pruning quality on Fashion-MNIST" + (" (--quick: short budget, not the committed table)" if args.quick else "")
+    (RESULTS / f"{name}.md").write_text(table(cells, title, cmd))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Deployment bundle: what ships to the box, with a manifest that proves it is intact.
+
+Layout of ``<run>-bundle/`` (and the same inside ``<run>-bundle.tar.gz``)::
+
+    manifest.json            sha256 + size of every other file, versions, input spec, classes, config
+    model.onnx               the pruned, fine-tuned FP32 ONNX (source of every artifact)
+    config.yaml              the exact pipeline config of the run
+    artifacts/<target>/<precision>/...   compiled artifacts, one folder per target and precision
+    report.json / report.md / report.html
+
+``edgeprune verify BUNDLE`` recomputes every hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import DataError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+RUN_FILES = ("model.onnx", "config.yaml", "report.json", "report.md", "report.html")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_bundle(run_dir: Path, out: Optional[Path] = None) -> tuple[Path, Path]:
+    """Copy a finished run's shippable files into a folder, write its manifest, and tar.gz it."""
+    run_dir = Path(run_dir)
+    report = _read_report(run_dir)
+    out = Path(out) if out else run_dir.parent / f"{run_dir.name}-bundle"
+    tar_path = out.with_name(out.name + ".tar.gz")
+    for p in (out, tar_path):
+        if p.exists():
+            raise DataError(f"bundle output {p} already exists", hint="remove it or pass another --out")
+    out.mkdir(parents=True)
+    try:
+        _copy_run_files(run_dir, out)
+        (out / MANIFEST).write_text(json.dumps(build_manifest(out, report), indent=1, default=str))
+        _make_tar(out, tar_path)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        tar_path.unlink(missing_ok=True)
+        raise
+    return out, tar_path
+
+
+def _read_report(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "report.json"
+    if not path.is_file():
+        raise DataError(f"{run_dir} is not a finished run directory: report.json is missing",
+                        hint="run `edgeprune run` first, or pass the run folder (not a .partial one)")
+    return json.loads(path.read_text())
+
+
+def _copy_run_files(run_dir: Path, out: Path) -> None:
+    for name in RUN_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, out / name)
+    if (run_dir / "artifacts").is_dir():
+        shutil.copytree(run_dir / "artifacts", out / "artifacts")
+
+
+def build_manifest(folder: Path, report: dict[str, Any]) -> dict[str, Any]:
+    from . import __version__
+    from .envinfo import runtime_versions
+
+    cfg = (report.get("run") or {}).get("config") or {}
+    data_cfg = cfg.get("data") or {}
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "edgeprune_version": __version__,
+        "tool_versions": runtime_versions(),
+        "run": {k: v for k, v in (report.get("run") or {}).items() if k != "config"},
+        "input": {"preprocessing": data_cfg.get("preprocessing"), "layout": "NCHW", "dtype": "float32",
+                  "export": {k: v for k, v in (report.get("export") or {}).items() if k != "parity"}},
+        "class_names": data_cfg.get("class_names") or report.get("class_names"),
+        "calibration": report.get("calibration"),
+        "artifacts": [_artifact_entry(a) for a in report.get("artifacts", [])],
+        "config": cfg,
+        "targets_config": (report.get("run") or {}).get("targets_config"),
+        "files": file_hashes(folder),
+    }
+
+
+def _artifact_entry(a: dict[str, Any]) -> dict[str, Any]:
+    keys = ("target", "backend", "device", "precision", "path", "size_bytes", "status", "accuracy", "latency_ms")
+    entry = {k: a.get(k) for k in keys}
+    entry["runtime_versions"] = (a.get("env") or {}).get("runtimes")
+    return entry
+
+
+def file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative posix path: {"sha256", "size"}}`` for every file under ``folder`` but the manifest."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return out
+
+
+def _make_tar(folder: Path, tar_path: Path) -> None:
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def verify_bundle(path: Path) -> list[str]:
+    """Recompute every hash in the manifest; raise DataError naming each bad file; return the files."""
+    path = Path(path)
+    if path.is_dir():
+        return _verify_folder(path)
+    if path.is_file() and tarfile.is_tarfile(path):
+        with tempfile.TemporaryDirectory(prefix="edgeprune-verify-") as tmp:
+            with tarfile.open(path) as tar:
+                tar.extractall(tmp, filter="data")
+            roots = [p for p in Path(tmp).iterdir()]
+            folder = roots[0] if len(roots) == 1 and roots[0].is_dir() else Path(tmp)
+            return _verify_folder(folder)
+    raise DataError(f"bundle not found or not a folder / tar.gz: {path}")
+
+
+def _verify_folder(folder: Path) -> list[str]:
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        raise DataError(f"{folder} has no {MANIFEST}; not an edgeprune bundle")
+    try:
+        listed = json.loads(mpath.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{mpath} is malformed: {exc}") from exc
+    problems = _compare(folder, listed)
+    if problems:
+        raise DataError(f"bundle {folder} failed verification ({len(problems)} problem(s)):\n  "
+                        + "\n  ".join(problems))
+    return sorted(listed)
+
+
+def _compare(folder: Path, listed: dict[str, dict[str, Any]]) -> list[str]:
+    problems = []
+    for rel, entry in sorted(listed.items()):
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"missing: {rel}")
+        elif sha256_file(p) != entry.get("sha256"):
+            problems.append(f"sha256 mismatch: {rel}")
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    problems += [f"not in manifest: {rel}" for rel in sorted(present - set(listed))]
+    return problems

@@ -1,0 +1,79 @@
+"""``edgeprune finetune``: fine-tune a pruned model (distilling from the unpruned one); resumable."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import ConfigError
+
+
+def _student_and_meta(pruned: Optional[Path], cfg) -> tuple:
+    """The student model and the metadata to save it back as a pruned-model folder."""
+    from ..models import load_model
+    from ..prune import PRUNED_JSON, load_pruned
+
+    pre = cfg.data.preprocessing
+    in_ch = cfg.model.in_channels or pre.channels
+    if pruned is None:
+        meta = {"arch": cfg.model.arch, "model_kwargs": dict(cfg.model.kwargs), "num_classes": cfg.model.num_classes,
+                "in_channels": in_ch, "input_shape": list(pre.shape)}
+        return load_model(cfg.model, in_ch), meta
+    if not Path(pruned).is_dir():
+        raise ConfigError(f"--pruned {pruned} is not a folder; give the output folder of `edgeprune prune`")
+    student = load_pruned(pruned)
+    meta = json.loads((Path(pruned) / PRUNED_JSON).read_text())
+    return student, meta
+
+
+def _teacher(teacher: Optional[Path], meta: dict, cfg):
+    from ..config import ModelConfig
+    from ..models import load_model
+
+    if teacher is None:
+        return None
+    mc = ModelConfig(arch=meta["arch"], weights=teacher, num_classes=meta["num_classes"], kwargs=meta["model_kwargs"],
+                     in_channels=meta["in_channels"], trust_pickle=cfg.model.trust_pickle)
+    return load_model(mc, meta["in_channels"])
+
+
+def run_finetune(*, pruned: Optional[Path], teacher: Optional[Path], config: Optional[Path], epochs: Optional[float],
+                 out: Path, device: str, progress: bool = True):
+    from ..config import load_pipeline_config
+    from ..data import load_split, train_val_split
+    from ..finetune import finetune, validate_config
+    from ..pipeline import torch_device
+    from ..prune import save_pruned
+
+    cfg = load_pipeline_config(config, {"finetune.epochs": epochs} if epochs is not None else None)
+    validate_config(cfg.finetune)
+    student, meta = _student_and_meta(pruned, cfg)
+    teach = _teacher(teacher, meta, cfg)
+    train, val = train_val_split(load_split(cfg.data, "train"), cfg.data.val_fraction or 0.05, seed=cfg.finetune.seed)
+    dev = torch_device(device)
+    res = finetune(student, teach, train, val, cfg.finetune, ckpt_dir=out / "ckpt", device=dev, progress=progress)
+    save_pruned(res.model.cpu(), out, arch=meta["arch"], model_kwargs=meta["model_kwargs"],
+                num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+                input_shape=tuple(meta["input_shape"]))
+    (out / "finetune.json").write_text(json.dumps(res.to_dict(), indent=1))
+    return res
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("finetune")
+    def finetune_cmd(
+        pruned: Optional[Path] = typer.Option(None, "--pruned", help="output folder of `edgeprune prune`"),
+        teacher: Optional[Path] = typer.Option(None, "--teacher", help="unpruned weights to distil from"),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline YAML (finetune:, data:)"),
+        epochs: Optional[float] = typer.Option(None, "--epochs", help="override finetune.epochs (fractions allowed)"),
+        out: Path = typer.Option(Path("runs/finetune"), "--out", "-o", help="output folder (resumes from out/ckpt)"),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ) -> None:
+        """Fine-tune a pruned model with distillation; killed runs resume from OUT/ckpt/last.pt."""
+        res = run_finetune(pruned=pruned, teacher=teacher, config=config, epochs=epochs, out=out, device=device,
+                           progress=progress)
+        typer.echo(str(res))
+        typer.echo(f"wrote {out / 'model.safetensors'}, {out / 'pruned.json'} and {out / 'finetune.json'}")

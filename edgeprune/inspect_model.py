@@ -1,0 +1,145 @@
+"""Prunability report in seconds, before any long job: what torch-pruning sees in a model.
+
+Coupled groups (channels that must go together) with their member layers, layers that will be
+left alone and why, parameters torch-pruning cannot attribute to a layer, a trace that fails,
+and the MACs/params a prune at ``max_layer_ratio`` would remove at most.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import PruneError
+from .prune import _PRUNABLE, count_macs_params, resolve_ignored
+
+
+@dataclass
+class GroupInfo:
+    root: str
+    channels: int
+    members: list[str]  # layers whose output channels are removed together
+    consumers: list[str]  # layers whose input channels follow
+    prunable: bool
+    reason: Optional[str] = None  # why not, when not prunable
+
+
+@dataclass
+class InspectReport:
+    model: str
+    input_shape: tuple
+    macs: int
+    params: int
+    groups: list[GroupInfo] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> reason
+    unwrapped: list[str] = field(default_factory=list)  # parameters outside a known layer
+    trace_error: Optional[str] = None  # torch-pruning cannot build the dependency graph
+    prune_error: Optional[str] = None  # the dry run at max_layer_ratio failed
+    min_macs: Optional[int] = None  # after a uniform prune at max_layer_ratio
+    min_params: Optional[int] = None
+    max_layer_ratio: float = 0.8
+
+    @property
+    def prunable(self) -> bool:
+        return self.trace_error is None and self.prune_error is None and any(g.prunable for g in self.groups)
+
+    def table(self) -> str:
+        lines = [f"{self.model} input {self.input_shape}: MACs {self.macs / 1e6:.2f}M, params {self.params / 1e6:.3f}M"]
+        if self.trace_error:
+            return "\n".join(lines + [f"NOT PRUNABLE: torch-pruning cannot trace it: {self.trace_error}"])
+        if self.min_macs is not None and self.min_params is not None:
+            lines.append(f"at most removable (max_layer_ratio {self.max_layer_ratio}): MACs "
+                         f"{(self.macs - self.min_macs) / 1e6:.2f}M ({self.macs / max(self.min_macs, 1):.2f}x), "
+                         f"params {(self.params - self.min_params) / 1e6:.3f}M "
+                         f"({self.params / max(self.min_params, 1):.2f}x)")
+        if self.prune_error:
+            lines.append(f"dry-run prune failed: {self.prune_error}")
+        lines.append(f"{len(self.groups)} coupled groups ({sum(g.prunable for g in self.groups)} prunable):")
+        for g in self.groups:
+            state = "prunable" if g.prunable else f"skipped: {g.reason}"
+            lines.append(f"  {g.root} [{g.channels} ch] {state}; out: {', '.join(g.members)}"
+                         + (f"; in: {', '.join(g.consumers)}" if g.consumers else ""))
+        for name, why in self.skipped.items():
+            lines.append(f"  skip {name}: {why}")
+        if self.unwrapped:
+            lines.append(f"unwrapped parameters (pruned along their last non-singleton dim): {', '.join(self.unwrapped)}")
+        return "\n".join(lines)
+
+
+def _build_graph(model: nn.Module, x: torch.Tensor):
+    import torch_pruning as tp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tp.DependencyGraph().build_dependency(model, example_inputs=x)
+
+
+def _groups(dg, model: nn.Module, ignored: dict[str, str]) -> list[GroupInfo]:
+    names = {m: n for n, m in model.named_modules()}
+    out = []
+    for group in dg.get_all_groups(ignored_layers=[], root_module_types=list(_PRUNABLE)):
+        root = group[0].dep.target.module
+        members, consumers = [], []
+        for dep, _ in group:
+            n = names.get(dep.target.module)
+            if n is None:
+                continue
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                members.append(n)
+            elif isinstance(dep.target.module, _PRUNABLE):
+                consumers.append(n)
+        blockers = [n for n in members if n in ignored]
+        reason = f"contains {blockers[0]} ({ignored[blockers[0]]})" if blockers else None
+        out.append(GroupInfo(names[root], dg.get_out_channels(root), list(dict.fromkeys(members)),
+                             list(dict.fromkeys(consumers)), not blockers, reason))
+    return out
+
+
+def _skipped(dg, model: nn.Module, groups: list[GroupInfo], ignored: dict[str, str]) -> dict[str, str]:
+    skipped = dict(ignored)
+    for g in groups:
+        for n in g.members:
+            if not g.prunable and n not in skipped:
+                skipped[n] = f"coupled with {g.reason.removeprefix('contains ')}"
+    for n, m in model.named_modules():
+        if isinstance(m, _PRUNABLE) and m not in dg.module2node:
+            skipped.setdefault(n, "not reached by tracing (never runs in forward)")
+    return skipped
+
+
+def _dry_run(model: nn.Module, x: torch.Tensor, ratio: float, ignore: tuple) -> tuple[Optional[int], Optional[int], Optional[str]]:
+    import torch_pruning as tp
+
+    from .prune import prune_model
+
+    try:
+        res = prune_model(model, x, tp.importance.MagnitudeImportance(p=1), ratio=ratio, round_to=None,
+                          max_layer_ratio=ratio, ignore=ignore, progress=False)
+    except PruneError as exc:
+        return None, None, exc.message
+    return res.macs_after, res.params_after, None
+
+
+def inspect_model(model: nn.Module, example_inputs: torch.Tensor, *, ignore: tuple = (),
+                  max_layer_ratio: float = 0.8) -> InspectReport:
+    """What torch-pruning can do with ``model``; never raises for an untraceable model (says so instead)."""
+    model = model.eval()
+    macs, params = count_macs_params(model, example_inputs)
+    report = InspectReport(type(model).__name__, tuple(example_inputs.shape), macs, params,
+                           max_layer_ratio=max_layer_ratio)
+    ignored = resolve_ignored(model, example_inputs, ignore)
+    try:
+        dg = _build_graph(model, example_inputs)
+    except Exception as exc:  # torch-pruning raises plain exceptions on graphs it cannot map
+        report.trace_error = f"{type(exc).__name__}: {exc}"
+        report.skipped = {n: "model cannot be traced" for n, m in model.named_modules() if isinstance(m, _PRUNABLE)}
+        return report
+    report.groups = _groups(dg, model, ignored)
+    report.skipped = _skipped(dg, model, report.groups, ignored)
+    report.unwrapped = [dg._param_to_name.get(p.parameters, "?") for p in dg.unwrapped_parameters]
+    report.min_macs, report.min_params, report.prune_error = _dry_run(model, example_inputs, max_layer_ratio,
+                                                                       tuple(ignore))
+    return report

@@ -1,0 +1,595 @@
+"""Physical, dependency-aware channel pruning: a thin layer over torch-pruning.
+
+torch-pruning's ``DependencyGraph`` finds the coupled channels (residual adds, concatenations,
+depthwise and grouped convs) and ``BasePruner`` ranks and removes them; this module only adds
+
+- reaching a MACs or parameter reduction within a tolerance (a safeguarded secant search on the
+  pruning ratio, each trial pruning a deep copy, so the caller's model is never touched),
+- a per-layer cap (``max_layer_ratio``) that also holds under global ranking,
+- per-layer score normalization before a global ranking,
+- the classifier head always left alone, plus the user's ``ignore`` names,
+- a per-layer table, and a pickle-free save/load (architecture reference + channel plan +
+  safetensors weights).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError, PruneError
+
+PRUNED_JSON = "pruned.json"
+WEIGHTS_FILE = "model.safetensors"
+PRUNED_FORMAT = 1
+_PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_MAX_TRIALS = 8
+_MIN_BRACKET = 0.02  # below this ratio width, rounding jumps dominate: mix the two ends per layer
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class LayerRow:
+    name: str
+    channels_before: int
+    channels_after: int
+    score_mean: Optional[float]
+    score_min: Optional[float]
+    score_max: Optional[float]
+    skipped: Optional[str]  # reason when the layer is left alone
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    plan: dict[str, int]  # module name -> out channels after pruning (every conv and linear)
+    layers: list[LayerRow]
+    steps: list[dict]  # per iterative step: macs, params, ratio
+    ratio: float = 0.0  # the channel pruning ratio used
+    target: Optional[dict] = None  # {"metric": "macs"|"params", "reduction": x, "tolerance": t}
+    target_met: bool = True
+
+    @property
+    def macs_reduction(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    @property
+    def params_reduction(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    def table(self) -> str:
+        head = (f"MACs {self.macs_before / 1e6:.2f}M -> {self.macs_after / 1e6:.2f}M ({self.macs_reduction:.3f}x), "
+                f"params {self.params_before / 1e6:.3f}M -> {self.params_after / 1e6:.3f}M "
+                f"({self.params_reduction:.3f}x), ratio {self.ratio:.3f}")
+        return head + "\n" + _format_rows(self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "macs_before": self.macs_before, "macs_after": self.macs_after,
+            "params_before": self.params_before, "params_after": self.params_after,
+            "macs_reduction": self.macs_reduction, "params_reduction": self.params_reduction,
+            "ratio": self.ratio, "target": self.target, "target_met": self.target_met,
+            "plan": dict(self.plan), "layers": [asdict(r) for r in self.layers], "steps": list(self.steps),
+        }
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _format_rows(rows: Sequence[LayerRow]) -> str:
+    width = max([len("layer")] + [len(r.name) for r in rows])
+    lines = [f"{'layer':<{width}}  {'before':>6}  {'after':>6}  {'kept':>5}  "
+             f"{'score mean':>10}  {'min':>8}  {'max':>8}  skipped"]
+    for r in rows:
+        kept = r.channels_after / max(r.channels_before, 1)
+        lines.append(f"{r.name:<{width}}  {r.channels_before:>6}  {r.channels_after:>6}  {kept:>5.0%}  "
+                     f"{_fmt(r.score_mean):>10}  {_fmt(r.score_min):>8}  {_fmt(r.score_max):>8}  {r.skipped or ''}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+    """MACs and parameters as torch-pruning counts them (one forward pass on ``example_inputs``)."""
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs), int(params)
+
+
+def out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def channel_plan(model: nn.Module) -> dict[str, int]:
+    """Module name -> out channels, for every conv and linear layer."""
+    return {name: out_channels(m) for name, m in model.named_modules() if isinstance(m, _PRUNABLE)}
+
+
+def find_head(model: nn.Module, example_inputs: torch.Tensor) -> str:
+    """Name of the last conv/linear layer that runs in the forward pass: the classifier head."""
+    return forward_order(model, example_inputs)[-1]
+
+
+def forward_order(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
+    """Names of the conv/linear layers in the order they first run."""
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda *_a, _n=n: order.append(_n))
+             for n, m in model.named_modules() if isinstance(m, _PRUNABLE)]
+    try:
+        _forward(model, example_inputs, "the unpruned model")
+    finally:
+        for h in hooks:
+            h.remove()
+    if not order:
+        raise PruneError(f"{type(model).__name__} has no Conv or Linear layer that runs in forward; nothing to prune")
+    return list(dict.fromkeys(order))
+
+
+@torch.no_grad()
+def _forward(model: nn.Module, x: torch.Tensor, what: str) -> Any:
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x)
+    except Exception as exc:  # any failure in user code: report which model and input
+        raise PruneError(f"forward of {what} ({type(model).__name__}) on input {tuple(x.shape)} failed: "
+                         f"{type(exc).__name__}: {exc}",
+                         hint="check --input-shape / in_channels against the model") from exc
+    finally:
+        model.train(was_training)
+
+
+def resolve_ignored(model: nn.Module, example_inputs: torch.Tensor, ignore: Sequence[str]) -> dict[str, str]:
+    """Module name -> reason it is left alone: the classifier head and the user's ``ignore`` names."""
+    modules = dict(model.named_modules())
+    unknown = [n for n in ignore if n not in modules]
+    if unknown:
+        names = [n for n, m in modules.items() if isinstance(m, _PRUNABLE)]
+        raise PruneError(f"ignore names not in the model: {unknown}",
+                         hint=f"conv/linear names include: {', '.join(names[:12])}{'...' if len(names) > 12 else ''}")
+    reasons = {n: "ignored (user)" for n in ignore}
+    reasons[find_head(model, example_inputs)] = "classifier head"
+    return reasons
+
+
+def _modules_by_name(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    mods = dict(model.named_modules())
+    return [mods[n] for n in names]
+
+
+# ----------------------------------------------------------------------------- importance
+
+
+def _normalized(importance: Any) -> Any:
+    """Wrap an importance so each group's scores are divided by their mean (per-layer normalization)."""
+    import torch_pruning as tp
+
+    class _PerLayerNormalized(tp.importance.Importance):
+        def __init__(self, inner: Any):
+            self.inner = inner
+
+        def __call__(self, group: Any) -> Optional[torch.Tensor]:
+            imp = self.inner(group)
+            if imp is None:
+                return None
+            return imp / imp.abs().mean().clamp_min(1e-12)
+
+    return _PerLayerNormalized(importance)
+
+
+# ----------------------------------------------------------------------------- one trial
+
+
+@dataclass
+class _Settings:
+    round_to: Optional[int]
+    max_layer_ratio: float
+    global_ranking: bool
+    iterative_steps: int
+    ignored: dict[str, str]
+    before_step: Optional[Callable[[nn.Module, int], object]]
+
+
+@dataclass
+class _Trial:
+    model: nn.Module
+    ratio: float
+    macs: int
+    params: int
+    steps: list[dict] = field(default_factory=list)
+
+
+def _pruner_class() -> type:
+    """``BasePruner`` whose channel rounding also holds for grouped convs.
+
+    torch-pruning 1.6.1 rounds the number of pruned channels *per channel group* against the
+    layer's *total* width, then repeats it for every group, so a grouped conv loses far more than
+    asked (e.g. 1 channel asked -> half the layer). Here the remaining width per group is rounded
+    so that the total stays a multiple of ``round_to``. The group's channel-group count is taken
+    from ``_is_atten_group``, which torch-pruning calls on each group just before rounding.
+    """
+    import torch_pruning as tp
+
+    class _GroupAwarePruner(tp.pruner.BasePruner):
+        _ch_groups = 1
+
+        def _is_atten_group(self, group):  # noqa: ANN001 - torch-pruning's signature
+            self._ch_groups = self._get_channel_groups(group)
+            return super()._is_atten_group(group)
+
+        def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+            g = max(1, self._ch_groups)
+            if g == 1:
+                return super()._round_to(n_pruned, current_channels, round_to)
+            per_group = current_channels // g
+            step = round_to // math.gcd(round_to, g)
+            remaining = per_group - n_pruned
+            remaining -= remaining % step
+            return max(per_group - remaining, 0)
+
+    return _GroupAwarePruner
+
+
+def _build_pruner(model: nn.Module, x: torch.Tensor, importance: Any, ratio: float, s: _Settings,
+                  layer_ratios: Optional[dict[str, float]] = None) -> Any:
+    ratio_dict = None
+    if layer_ratios:
+        mods = dict(model.named_modules())
+        ratio_dict = {mods[n]: r for n, r in layer_ratios.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unwrapped-parameter notices; inspect reports them
+        try:
+            return _pruner_class()(
+                model, x, importance=_normalized(importance) if s.global_ranking else importance,
+                global_pruning=s.global_ranking, pruning_ratio=ratio, pruning_ratio_dict=ratio_dict,
+                max_pruning_ratio=s.max_layer_ratio,
+                iterative_steps=s.iterative_steps, ignored_layers=_modules_by_name(model, list(s.ignored)),
+                round_to=s.round_to,
+            )
+        except Exception as exc:  # torch-pruning raises plain exceptions on untraceable graphs
+            raise PruneError(f"torch-pruning cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}",
+                             hint="run `edgeprune inspect` on the model; add the failing layer to ignore") from exc
+
+
+def _min_keep(init: int, current: int, s: _Settings) -> int:
+    keep = math.ceil(init * (1.0 - s.max_layer_ratio) - 1e-9)
+    if s.round_to:
+        keep = math.ceil(keep / s.round_to) * s.round_to
+    return max(1, min(keep, current))
+
+
+def _cap_group(pruner: Any, group: Any, s: _Settings) -> Optional[Any]:
+    """Enforce ``max_layer_ratio`` on the root layer of a group (global ranking can exceed it)."""
+    dg = pruner.DG
+    root = group[0]
+    module, fn = root.dep.target.module, root.dep.handler
+    init = pruner.layer_init_out_ch.get(module)
+    if init is None or not dg.is_out_channel_pruning_fn(fn):
+        return group
+    current = dg.get_out_channels(module)
+    allowed = current - _min_keep(init, current, s)
+    idxs = list(root.idxs)
+    if len(idxs) <= allowed:
+        return group
+    if allowed <= 0 or pruner._get_channel_groups(group) > 1:
+        return None
+    full = dg.get_pruning_group(module, fn, list(range(current)))
+    imp = pruner.estimate_importance(full)
+    chosen = set(idxs)
+    order = [int(i) for i in torch.argsort(imp.cpu()) if int(i) in chosen]
+    return dg.get_pruning_group(module, fn, sorted(order[:allowed]))
+
+
+def _run_steps(pruner: Any, model: nn.Module, x: torch.Tensor, ratio: float, s: _Settings) -> list[dict]:
+    steps = []
+    for step in range(s.iterative_steps):
+        if s.before_step is not None:
+            s.before_step(model, step)
+        for group in pruner.step(interactive=True):
+            capped = _cap_group(pruner, group, s)
+            if capped is not None:
+                capped.prune()
+        macs, params = count_macs_params(model, x)
+        steps.append({"step": step + 1, "ratio": ratio * (step + 1) / s.iterative_steps, "macs": macs, "params": params})
+    return steps
+
+
+def _trial(model: nn.Module, x: torch.Tensor, importance: Any, ratio: float, s: _Settings,
+           layer_ratios: Optional[dict[str, float]] = None) -> _Trial:
+    """Prune a deep copy of ``model`` at ``ratio`` (``layer_ratios``: name -> ratio overrides) and measure it."""
+    pruned = copy.deepcopy(model).eval()
+    pruner = _build_pruner(pruned, x, importance, ratio, s, layer_ratios)
+    steps = _run_steps(pruner, pruned, x, ratio, s)
+    _forward(pruned, x, f"the model pruned at ratio {ratio:.3f}")
+    return _Trial(pruned, ratio, steps[-1]["macs"], steps[-1]["params"], steps)
+
+
+# ----------------------------------------------------------------------------- target search
+
+
+@dataclass
+class _Target:
+    metric: str  # "macs" | "params"
+    reduction: float
+    tolerance: float
+    base: int
+
+    def achieved(self, t: _Trial) -> float:
+        return self.base / max(getattr(t, self.metric), 1)
+
+    def error(self, t: _Trial) -> float:
+        return self.achieved(t) / self.reduction - 1.0
+
+    def met(self, t: _Trial) -> bool:
+        return abs(self.error(t)) <= self.tolerance
+
+
+def _next_ratio(target: _Target, lo: tuple[float, float], hi: Optional[tuple[float, float]], r_max: float) -> float:
+    """Before a bracket: the model reduction = (1 - r)^-k fitted to ``lo``; inside one: log-linear
+    interpolation, kept 10% away from the bracket ends so that it always shrinks."""
+    if hi is None:
+        r, f = lo
+        k = math.log(max(f, 1.0 + 1e-6)) / -math.log(1.0 - r) if r > 0 else 2.0
+        guess = 1.0 - target.reduction ** (-1.0 / max(k, 0.5))
+        return min(max(guess, lo[0] + 0.25 * (r_max - lo[0])), r_max)
+    (r0, f0), (r1, f1) = lo, hi
+    t = (math.log(target.reduction) - math.log(f0)) / max(math.log(f1) - math.log(f0), 1e-12)
+    return r0 + (r1 - r0) * min(max(t, 0.1), 0.9)
+
+
+def _search(model: nn.Module, x: torch.Tensor, importance: Any, target: _Target, s: _Settings,
+            progress: bool) -> _Trial:
+    """Bracket the target on the global ratio, then (if channel rounding makes it jump over the
+    target) mix the two bracketing ratios layer by layer."""
+    from tqdm.auto import tqdm
+
+    r_max = s.max_layer_ratio
+    lo: tuple[float, float] = (0.0, 1.0)
+    hi: Optional[tuple[float, float]] = None
+    trials: dict[float, _Trial] = {}
+    ratio = min(1.0 - target.reduction ** -0.5, r_max)
+    with tqdm(total=_MAX_TRIALS, desc=f"prune to {target.reduction:g}x {target.metric}", disable=not progress,
+              leave=False) as bar:
+        for _ in range(_MAX_TRIALS):
+            trial = trials[ratio] = _trial(model, x, importance, ratio, s)
+            bar.update(1)
+            if target.met(trial):
+                return trial
+            point = (ratio, target.achieved(trial))
+            if point[1] < target.reduction:
+                lo = point
+                if ratio >= r_max - 1e-9:
+                    break  # unreachable under the per-layer cap
+            else:
+                hi = point
+            if hi is not None and lo[0] in trials and hi[0] - lo[0] < _MIN_BRACKET:
+                return _mix(model, x, importance, target, s, trials.get(lo[0]), trials[hi[0]], progress)
+            ratio = _next_ratio(target, lo, hi, r_max)
+    if hi is not None and lo[0] in trials:
+        return _mix(model, x, importance, target, s, trials[lo[0]], trials[hi[0]], progress)
+    return min(trials.values(), key=lambda t: abs(target.error(t)))
+
+
+def _mix(model: nn.Module, x: torch.Tensor, importance: Any, target: _Target, s: _Settings,
+         lo: _Trial, hi: _Trial, progress: bool) -> _Trial:  # noqa: ARG001 - progress kept for symmetry
+    """Bisection on k: the first k layers (forward order) take ``hi.ratio``, the others ``lo.ratio``."""
+    names = [n for n in forward_order(model, x) if n not in s.ignored]
+    a, b = 0, len(names)
+    best = min((lo, hi), key=lambda t: abs(target.error(t)))
+    while b - a > 1:
+        k = (a + b) // 2
+        trial = _trial(model, x, importance, lo.ratio, s, {n: hi.ratio for n in names[:k]})
+        trial.ratio = lo.ratio + (hi.ratio - lo.ratio) * k / len(names)  # nominal, for the report
+        if abs(target.error(trial)) < abs(target.error(best)):
+            best = trial
+        if target.met(trial):
+            return trial
+        a, b = (k, b) if target.achieved(trial) < target.reduction else (a, k)
+    return best
+
+
+# ----------------------------------------------------------------------------- per-layer rows
+
+
+def _skip_reasons(model: nn.Module, x: torch.Tensor, ignored: dict[str, str]) -> dict[str, str]:
+    """Why each conv/linear that cannot change is left alone: ignored, coupled to an ignored layer, untraced."""
+    import torch_pruning as tp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    names = {m: n for n, m in model.named_modules()}
+    reasons = dict(ignored)
+    for n, m in model.named_modules():
+        if isinstance(m, _PRUNABLE) and m not in dg.module2node:
+            reasons.setdefault(n, "not reached by tracing")
+    for group in dg.get_all_groups(ignored_layers=[], root_module_types=list(_PRUNABLE)):
+        members = [names[d.target.module] for d, _ in group
+                   if dg.is_out_channel_pruning_fn(d.handler) and d.target.module in names]
+        blockers = [n for n in members if n in ignored]
+        for n in members:
+            if blockers and n not in ignored:
+                reasons.setdefault(n, f"coupled with {blockers[0]} ({ignored[blockers[0]]})")
+    return reasons
+
+
+def _score_summary(scores: Optional[dict[str, torch.Tensor]], name: str) -> tuple[Optional[float], ...]:
+    if not scores or name not in scores:
+        return (None, None, None)
+    s = torch.as_tensor(scores[name]).detach().float().flatten()
+    if s.numel() == 0:
+        return (None, None, None)
+    return (float(s.mean()), float(s.min()), float(s.max()))
+
+
+def _layer_rows(before: dict[str, int], after: dict[str, int], reasons: dict[str, str],
+                scores: Optional[dict[str, torch.Tensor]]) -> list[LayerRow]:
+    rows = []
+    for name, c0 in before.items():
+        c1 = after.get(name, c0)
+        reason = reasons.get(name) if c1 == c0 else None
+        rows.append(LayerRow(name, c0, c1, *_score_summary(scores, name), reason))
+    return rows
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _choose_target(target_macs_reduction: Optional[float], target_params_reduction: Optional[float],
+                   tolerance: float, macs: int, params: int) -> Optional[_Target]:
+    if target_params_reduction is not None:
+        return _Target("params", float(target_params_reduction), tolerance, params)
+    if target_macs_reduction is not None:
+        return _Target("macs", float(target_macs_reduction), tolerance, macs)
+    return None
+
+
+def _check_args(ratio: Optional[float], target: Optional[_Target], round_to: Optional[int],
+                max_layer_ratio: float, iterative_steps: int) -> None:
+    if ratio is None and target is None:
+        raise PruneError("nothing asked: give ratio, target_macs_reduction or target_params_reduction")
+    if ratio is not None and not 0.0 < ratio < 1.0:
+        raise PruneError(f"ratio must be in (0, 1), got {ratio}")
+    if target is not None and ratio is None and target.reduction <= 1.0:
+        raise PruneError(f"target {target.metric} reduction must be > 1, got {target.reduction}")
+    if not 0.0 < max_layer_ratio < 1.0:
+        raise PruneError(f"max_layer_ratio must be in (0, 1), got {max_layer_ratio}")
+    if round_to is not None and round_to < 1:
+        raise PruneError(f"round_to must be >= 1 or None, got {round_to}")
+    if iterative_steps < 1:
+        raise PruneError(f"iterative_steps must be >= 1, got {iterative_steps}")
+
+
+def prune_model(model: nn.Module, example_inputs: torch.Tensor, importance: Any, *,
+                target_macs_reduction: Optional[float] = 2.0, target_params_reduction: Optional[float] = None,
+                ratio: Optional[float] = None, round_to: Optional[int] = 8, max_layer_ratio: float = 0.8,
+                global_ranking: bool = False, iterative_steps: int = 1, ignore: Sequence[str] = (),
+                tolerance: float = 0.02, scores: Optional[dict[str, torch.Tensor]] = None,
+                before_step: Optional[Callable[[nn.Module, int], object]] = None,
+                progress: bool = True) -> PruneResult:
+    """Prune a copy of ``model`` with torch-pruning; ``model`` itself is left untouched.
+
+    ``ratio`` (fixed channel ratio) wins over a target; a params target wins over the MACs target.
+    ``importance`` is any ``torch_pruning.importance.Importance``. ``before_step(model, step)`` runs
+    before each iterative step on the model being pruned (re-scoring, ``loss.backward()`` for Taylor).
+    """
+    ignored = resolve_ignored(model, example_inputs, ignore)  # also checks that the model runs on the input
+    macs0, params0 = count_macs_params(model, example_inputs)
+    target = _choose_target(target_macs_reduction, target_params_reduction, tolerance, macs0, params0)
+    _check_args(ratio, target, round_to, max_layer_ratio, iterative_steps)
+    s = _Settings(round_to, max_layer_ratio, global_ranking, iterative_steps, ignored, before_step)
+    if ratio is not None:
+        best, target = _trial(model, example_inputs, importance, ratio, s), None
+    else:
+        best = _search(model, example_inputs, importance, target, s, progress)
+    plan = channel_plan(best.model)
+    rows = _layer_rows(channel_plan(model), plan, _skip_reasons(model, example_inputs, ignored), scores)
+    result = PruneResult(best.model, macs0, best.macs, params0, best.params, plan, rows, best.steps, best.ratio,
+                         None if target is None else {"metric": target.metric, "reduction": target.reduction,
+                                                      "tolerance": target.tolerance},
+                         True if target is None else target.met(best))
+    if target is not None and not result.target_met:
+        _raise_or_warn_unmet(target, best, s)
+    return result
+
+
+def _raise_or_warn_unmet(target: _Target, best: _Trial, s: _Settings) -> None:
+    got = target.achieved(best)
+    msg = (f"asked {target.reduction:g}x {target.metric}, closest reachable is {got:.3f}x "
+           f"(ratio {best.ratio:.3f}, round_to={s.round_to}, max_layer_ratio={s.max_layer_ratio})")
+    if got < target.reduction * (1 - target.tolerance) and best.ratio >= s.max_layer_ratio - 1e-9:
+        raise PruneError(f"target unreachable: {msg}",
+                         hint="raise max_layer_ratio, lower the target, or un-ignore layers")
+    warnings.warn(f"target not met within {target.tolerance:.0%}: {msg}; channel rounding is too coarse "
+                  "for this model (use a smaller round_to or global_ranking)", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def save_pruned(model: nn.Module, out_dir: Path, *, arch: str, model_kwargs: dict, num_classes: int,
+                in_channels: int, input_shape: tuple) -> Path:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/pruned.json`` (arch reference + channel plan). No pickle."""
+    from .models import save_safetensors
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"format": PRUNED_FORMAT, "arch": arch, "model_kwargs": dict(model_kwargs), "num_classes": num_classes,
+            "in_channels": in_channels, "input_shape": list(input_shape), "plan": channel_plan(model)}
+    save_safetensors(model, out_dir / WEIGHTS_FILE, metadata={"edgeprune": "pruned", "arch": arch})
+    (out_dir / PRUNED_JSON).write_text(json.dumps(meta, indent=1))
+    return out_dir
+
+
+def _read_meta(out_dir: Path) -> dict:
+    path = Path(out_dir) / PRUNED_JSON
+    if not path.is_file() or not (Path(out_dir) / WEIGHTS_FILE).is_file():
+        raise ModelLoadError(f"{out_dir} is not a pruned-model folder: needs {PRUNED_JSON} and {WEIGHTS_FILE}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+    missing = {"arch", "model_kwargs", "num_classes", "in_channels", "input_shape", "plan"} - set(meta)
+    if missing:
+        raise ModelLoadError(f"{path} lacks keys {sorted(missing)}")
+    return meta
+
+
+def apply_plan(model: nn.Module, example_inputs: torch.Tensor, plan: dict[str, int]) -> nn.Module:
+    """Prune ``model`` in place to the out-channel ``plan`` by dropping trailing channels (weights are loaded after)."""
+    import torch_pruning as tp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    modules = dict(model.named_modules())
+    for name, want in plan.items():
+        if name not in modules:
+            raise ModelLoadError(f"plan names {name!r}, which the rebuilt architecture does not have")
+        module = modules[name]
+        have = out_channels(module)
+        if have == want:
+            continue
+        if want > have or module not in dg.module2node:
+            raise ModelLoadError(f"cannot bring {name} from {have} to {want} channels")
+        pruner = dg.get_pruner_of_module(module)
+        group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(want, have)))
+        group.prune()
+    return model
+
+
+def load_pruned(out_dir: Path) -> nn.Module:
+    """Rebuild the original architecture, prune it to the saved plan, load the weights (eval mode)."""
+    from safetensors.torch import load_file
+
+    from .config import ModelConfig
+    from .models import build_model
+
+    meta = _read_meta(Path(out_dir))
+    cfg = ModelConfig(arch=meta["arch"], num_classes=meta["num_classes"], kwargs=meta["model_kwargs"],
+                      in_channels=meta["in_channels"])
+    model = build_model(cfg, meta["in_channels"]).eval()
+    x = torch.zeros(1, *meta["input_shape"])
+    apply_plan(model, x, meta["plan"])
+    state = load_file(str(Path(out_dir) / WEIGHTS_FILE))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"weights in {out_dir} do not fit the rebuilt pruned {meta['arch']}: {exc}") from exc
+    return model.eval()

@@ -1,0 +1,229 @@
+"""Gray-level quantization, aura matrices and spatial aura entropy (SAE), vectorized with torch.
+
+Definitions follow ``design/scoring.md``: a map is quantized into ``G`` levels with per-channel
+``lo``/``hi`` taken over the calibration set; the aura matrix counts ordered pairs of pixels
+``(s, t)`` at Chebyshev distance ``1..r`` inside the map (no padding) with levels ``(q(s), q(t))``;
+SAE is the Shannon entropy (bits) of the normalized aura matrix.
+
+Every function works on whole batches, ``(B, C, H, W)``, across channels and images at once: the
+only Python loop in the hot path runs over the neighbourhood offsets (4 for ``r = 1``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..errors import ConfigError
+
+QUANTIZATIONS = ("minmax", "percentile", "quantile")
+HIST_BINS = 2048  # resolution of the streaming histogram used for percentile / quantile bins
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+@dataclass
+class ChannelRange:
+    """Per-channel quantization of one layer: ``edges`` (C, G-1) are the inner bin boundaries."""
+
+    edges: torch.Tensor
+    lo: Optional[torch.Tensor] = None  # set for equal-width bins: quantized by arithmetic, no search
+    hi: Optional[torch.Tensor] = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W) levels."""
+        if self.lo is not None:
+            return quantize_uniform(x, self.lo.to(x.device), self.hi.to(x.device), self.levels)
+        return quantize(x, self.edges.to(x.device))
+
+    @property
+    def levels(self) -> int:
+        return self.edges.shape[1] + 1
+
+
+def check_quantization(quantization: str) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {quantization!r}; valid: {', '.join(QUANTIZATIONS)}")
+
+
+def uniform_edges(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> torch.Tensor:
+    """(C,), (C,) -> (C, G-1) equal-width inner edges, so that bucketizing gives
+    ``floor(G (a - lo) / (hi - lo))`` clipped to ``0..G-1``."""
+    steps = torch.arange(1, levels, dtype=torch.float64, device=lo.device) / levels  # (G-1,)
+    span = (hi - lo).double().clamp_min(0)
+    return (lo.double()[:, None] + span[:, None] * steps[None, :]).float()  # (C, G-1)
+
+
+def quantize(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) activations, (C, G-1) edges -> (B, C, H, W) int64 levels in 0..G-1.
+
+    Level g holds values in ``[edges[g-1], edges[g])``; a constant channel gets one level everywhere.
+    """
+    b, c, h, w = x.shape
+    flat = x.detach().transpose(0, 1).reshape(c, b * h * w).contiguous()  # (C, B*H*W)
+    q = torch.searchsorted(edges.to(flat.dtype).contiguous(), flat, right=True)  # (C, B*H*W)
+    return q.reshape(c, b, h, w).transpose(0, 1)  # (B, C, H, W)
+
+
+def quantize_uniform(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int) -> torch.Tensor:
+    """(B, C, H, W), (C,), (C,) -> (B, C, H, W) int32 ``floor(G (a - lo) / (hi - lo))`` clipped to 0..G-1."""
+    scale = (levels / (hi - lo).clamp_min(1e-12)).view(1, -1, 1, 1)
+    q = ((x.detach().float() - lo.view(1, -1, 1, 1)) * scale).floor_().clamp_(0, levels - 1)
+    return q.to(torch.int32)
+
+
+def quantize_minmax(x: torch.Tensor, *, levels: int, lo: Optional[torch.Tensor] = None,
+                    hi: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Convenience: min-max quantization of (B, C, H, W) with lo/hi over this tensor unless given."""
+    lo = x.amin(dim=(0, 2, 3)) if lo is None else lo
+    hi = x.amax(dim=(0, 2, 3)) if hi is None else hi
+    return quantize(x, uniform_edges(lo, hi, levels))
+
+
+class RangeTracker:
+    """Streaming per-channel statistics of one layer for the chosen quantization.
+
+    ``minmax`` needs one pass (running min / max). ``percentile`` (1st..99th) and ``quantile``
+    (equal-frequency bins) need a second pass that fills a per-channel histogram of
+    ``HIST_BINS`` bins between min and max, from which the edges are read; memory stays
+    ``C x HIST_BINS`` whatever the number of images.
+    """
+
+    def __init__(self, quantization: str, levels: int, percentiles: tuple[float, float] = (1.0, 99.0)):
+        check_quantization(quantization)
+        self.quantization, self.levels, self.percentiles = quantization, levels, percentiles
+        self.lo: Optional[torch.Tensor] = None
+        self.hi: Optional[torch.Tensor] = None
+        self.hist: Optional[torch.Tensor] = None
+
+    @property
+    def passes(self) -> int:
+        return 1 if self.quantization == "minmax" else 2
+
+    def update(self, x: torch.Tensor, pass_index: int) -> None:
+        """Feed a (B, C, H, W) batch during statistics pass ``pass_index`` (0 or 1)."""
+        x = x.detach().float()
+        if pass_index == 0:
+            lo, hi = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))  # (C,)
+            self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+            self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        else:
+            self._update_hist(x)
+
+    def _update_hist(self, x: torch.Tensor) -> None:
+        b, c, h, w = x.shape
+        flat = x.transpose(0, 1).reshape(c, -1)  # (C, B*H*W)
+        span = (self.hi - self.lo).clamp_min(1e-12)[:, None]
+        bins = ((flat - self.lo[:, None]) / span * HIST_BINS).long().clamp_(0, HIST_BINS - 1)
+        idx = bins + torch.arange(c, device=x.device)[:, None] * HIST_BINS  # (C, B*H*W)
+        counts = torch.bincount(idx.flatten(), minlength=c * HIST_BINS).view(c, HIST_BINS)
+        self.hist = counts if self.hist is None else self.hist + counts
+
+    def _hist_quantiles(self, probs: torch.Tensor) -> torch.Tensor:
+        """(P,) probabilities -> (C, P) values read off the cumulative histogram."""
+        cdf = self.hist.double().cumsum(dim=1)
+        cdf = cdf / cdf[:, -1:].clamp_min(1)  # (C, BINS)
+        target = probs.to(cdf).expand(cdf.shape[0], -1).contiguous()  # (C, P)
+        pos = torch.searchsorted(cdf, target).clamp_max(HIST_BINS - 1)  # (C, P)
+        width = (self.hi - self.lo).double()[:, None] / HIST_BINS
+        return (self.lo.double()[:, None] + (pos.double() + 1.0) * width).float()
+
+    def finish(self) -> ChannelRange:
+        if self.lo is None:
+            raise ValueError("RangeTracker.finish() called before any batch")
+        if self.quantization == "minmax":
+            return ChannelRange(uniform_edges(self.lo, self.hi, self.levels), self.lo, self.hi)
+        if self.quantization == "percentile":
+            q = self._hist_quantiles(torch.tensor(self.percentiles, dtype=torch.float64) / 100.0)  # (C, 2)
+            return ChannelRange(uniform_edges(q[:, 0], q[:, 1], self.levels), q[:, 0], q[:, 1])
+        probs = torch.arange(1, self.levels, dtype=torch.float64) / self.levels  # (G-1,)
+        edges = self._hist_quantiles(probs)  # (C, G-1), non-decreasing
+        return ChannelRange(edges)
+
+
+# ----------------------------------------------------------------------------- aura matrices
+
+
+def half_offsets(radius: int) -> list[tuple[int, int]]:
+    """One offset of each +/- pair at Chebyshev distance 1..r (the other half follows by symmetry)."""
+    offs = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1) if (dy, dx) != (0, 0)]
+    return [(dy, dx) for dy, dx in offs if (dy, dx) > (0, 0)]
+
+
+def _offset_views(h: int, w: int, radius: int):
+    """Slices (src, dst) of an (H, W) map for each half offset that fits inside the map."""
+    for dy, dx in half_offsets(radius):
+        if abs(dy) >= h or abs(dx) >= w:
+            continue
+        yield ((slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx))),
+               (slice(max(0, dy), h - max(0, -dy)), slice(max(0, dx), w - max(0, -dx))))
+
+
+def _count_pairs(q: torch.Tensor, slot: torch.Tensor, *, slots: int, levels: int, radius: int) -> torch.Tensor:
+    """(B, C, H, W) levels, (B, C) slot per map -> (slots, G, G) one-direction pair counts.
+
+    ``(slot * G + q(s)) * G + q(t)`` is formed with one add per offset on views, then bincounted:
+    no per-channel or per-image loop, no concatenated copy of all pairs.
+    """
+    h, w = q.shape[-2:]
+    q = q.to(torch.int64 if slots * levels * levels >= 2**31 else torch.int32)
+    head = (slot.to(q.dtype)[:, :, None, None] * levels + q) * levels  # (B, C, H, W)
+    counts = torch.zeros(slots * levels * levels, dtype=torch.int64, device=q.device)
+    for (sy, sx), (ty, tx) in _offset_views(h, w, radius):
+        idx = head[:, :, sy, sx] + q[:, :, ty, tx]  # (B, C, H', W')
+        counts += torch.bincount(idx.flatten(), minlength=counts.numel())
+    return counts.view(slots, levels, levels)
+
+
+def _symmetrize(a: torch.Tensor) -> torch.Tensor:
+    """Counts of one direction -> ordered-pair counts: A + A^T over the last two dims."""
+    return a + a.transpose(-1, -2)
+
+
+def aura_matrix(q: torch.Tensor, *, levels: int, radius: int = 1) -> torch.Tensor:
+    """(H, W) or (B, C, H, W) quantized maps -> (G, G) or (B, C, G, G) aura matrices (float64)."""
+    squeeze = q.dim() == 2
+    q4 = q[None, None] if squeeze else q
+    b, c = q4.shape[:2]
+    slot = torch.arange(b * c, device=q4.device).view(b, c)  # one slot per (image, channel)
+    a = _count_pairs(q4, slot, slots=b * c, levels=levels, radius=radius).view(b, c, levels, levels)
+    a = _symmetrize(a.double())
+    return a[0, 0] if squeeze else a
+
+
+def class_aura_matrices(q: torch.Tensor, labels: torch.Tensor, *, num_classes: int, levels: int,
+                        radius: int = 1) -> torch.Tensor:
+    """(B, C, H, W) levels, (B,) labels -> (K, C, G, G) aura matrices summed per class."""
+    b, c = q.shape[:2]
+    slot = labels.to(q.device).long().view(b, 1) * c + torch.arange(c, device=q.device).view(1, c)  # (B, C)
+    a = _count_pairs(q, slot, slots=num_classes * c, levels=levels, radius=radius)
+    return _symmetrize(a.view(num_classes, c, levels, levels).double())
+
+
+# ----------------------------------------------------------------------------- entropies
+
+
+def sae(a: torch.Tensor) -> torch.Tensor:
+    """Spatial aura entropy in bits of (..., G, G) aura matrices -> (...); 0 for an empty matrix."""
+    total = a.sum(dim=(-1, -2), keepdim=True)
+    p = a / total.clamp_min(1e-300)
+    ent = -(p * torch.log2(p.clamp_min(1e-300))).sum(dim=(-1, -2))
+    return torch.where(total.squeeze(-1).squeeze(-1) > 0, ent, torch.zeros_like(ent))
+
+
+def sae_mi_from_class_auras(a_k: torch.Tensor) -> torch.Tensor:
+    """(K, C, G, G) per-class aura matrices -> (C,) ``SAE(A) - sum_k w_k SAE(A_k)`` in bits."""
+    a = a_k.sum(dim=0)  # (C, G, G)
+    mass = a_k.sum(dim=(-1, -2))  # (K, C)
+    w = mass / mass.sum(dim=0, keepdim=True).clamp_min(1e-300)  # (K, C)
+    mi = sae(a) - (w * sae(a_k)).sum(dim=0)
+    return mi.clamp_min(0.0)  # exact arithmetic gives >= 0; clamp rounding noise
+
+
+def normalized_aura(q: torch.Tensor, *, levels: int, radius: int = 1) -> torch.Tensor:
+    """(B, C, H, W) levels -> (B, C, G*G) per-image aura matrices divided by their sum."""
+    a = aura_matrix(q, levels=levels, radius=radius)  # (B, C, G, G)
+    a = a / a.sum(dim=(-1, -2), keepdim=True).clamp_min(1e-300)
+    return a.flatten(2).float()  # (B, C, G*G)
