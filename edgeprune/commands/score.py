@@ -68,9 +68,16 @@ def _plots(model, calib, result, out: Path, filters: list[int], images: list[int
 
 
 def register(app: typer.Typer) -> None:
-    from ..scoring import CRITERIA
+    # the registry imports torch: keep it out of CLI start-up; `edgeprune criteria` lists the names
+    criteria_help = "scoring criterion, default sae-mi (`edgeprune criteria` lists them)"
 
-    criteria_help = f"scoring criterion, default sae-mi; one of: {', '.join(CRITERIA.names())}"
+    @app.command("criteria")
+    def criteria() -> None:
+        """List the registered scoring criteria."""
+        from ..scoring import CRITERIA
+
+        for name in CRITERIA.names():
+            typer.echo(f"{name:<16} {CRITERIA.help(name)}")
 
     @app.command("score")
     def score(
