@@ -284,7 +284,13 @@ def run_pipeline(cfg: PipelineConfig, targets: list[TargetConfig], *, resume: bo
                 warnings=[])
             run.mark("load")
         scores = stage_score(run, inp, device)
-        student = stage_prune(run, inp, scores, device)
+        budgeted = [t for t in targets if t.latency_budget_ms]
+        if budgeted:  # latency-driven: slim until the compiled model meets the first budgeted target
+            from .latency.stage import stage_latency_prune
+
+            student = stage_latency_prune(run, inp, scores, device, budgeted[0])
+        else:
+            student = stage_prune(run, inp, scores, device)
         model = stage_finetune(run, inp, student, device)
         run.report["accuracy"]["drop_pt"] = round(100 * (run.report["accuracy"]["baseline"]
                                                          - run.report["accuracy"]["pruned"]), 3)

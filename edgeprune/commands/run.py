@@ -40,7 +40,10 @@ def plan_text(cfg: PipelineConfig, targets) -> str:
         lines.append(f"  - {t.name}: {t.backend.value} {t.device}{where}, "
                      f"precisions {', '.join(p.value for p in t.precisions)}, round_to {t.round_to}, "
                      f"latency budget {t.latency_budget_ms or '-'} ms, accuracy drop budget {t.accuracy_drop_budget_pt} pt")
-    stages = ["load", f"score ({cfg.score.criterion})", "prune", "fine-tune", "export", "compile", "check+bench", "report"]
+    budgeted = [t for t in targets if t.latency_budget_ms]
+    prune = (f"latency-driven prune to {budgeted[0].latency_budget_ms} ms p50 on {budgeted[0].name}"
+             if budgeted else f"prune to {cfg.prune.target_macs_reduction}x MACs")
+    stages = ["load", f"score ({cfg.score.criterion})", prune, "fine-tune", "export", "compile", "check+bench", "report"]
     lines += ["", "stages: " + " -> ".join(stages)]
     return "\n".join(lines)
 
