@@ -80,7 +80,8 @@ def summarize(artifact: "CompiledArtifact", target: TargetConfig, parity: dict, 
     first = bench["results"][0]
     drop = round(100 * (baseline - accuracy), 3)
     lat_ok = target.latency_budget_ms is None or first["p50"] <= target.latency_budget_ms
-    acc_ok = drop <= target.accuracy_drop_budget_pt and parity["top1_agreement"] >= target.min_top1_agreement
+    floor = target.agreement_floor(Precision(artifact.precision))
+    acc_ok = drop <= target.accuracy_drop_budget_pt and parity["top1_agreement"] >= floor
     files = [Path(f) for f in artifact.files]
     return {
         "target": target.name, "backend": artifact.backend, "device": artifact.device,
@@ -93,7 +94,7 @@ def summarize(artifact: "CompiledArtifact", target: TargetConfig, parity: dict, 
         "latency_by_batch": bench["results"], "latency_samples_ms": first.get("samples_ms", []),
         "budget": {"latency_budget_ms": target.latency_budget_ms, "latency_ok": lat_ok,
                    "accuracy_drop_budget_pt": target.accuracy_drop_budget_pt, "accuracy_ok": acc_ok,
-                   "min_top1_agreement": target.min_top1_agreement},
+                   "min_top1_agreement": floor},
         "status": "ok" if (lat_ok and acc_ok) else "failed",
         "env": bench.get("env", {}), "meta": artifact.meta,
     }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -114,8 +114,8 @@ class PruneConfig(Strict):
 
 
 class FinetuneConfig(Strict):
-    epochs: float = Field(2.0, ge=0.0)
-    lr: float = Field(0.01, gt=0.0)
+    epochs: float = Field(4.0, ge=0.0)
+    lr: float = Field(0.02, gt=0.0)
     optimizer: str = Field("sgd", description="sgd | adamw")
     schedule: str = Field("cosine", description="cosine | step | constant")
     warmup_epochs: float = Field(0.1, ge=0.0)
@@ -124,6 +124,7 @@ class FinetuneConfig(Strict):
     kd_alpha: float = Field(0.7, ge=0.0, le=1.0, description="weight of the distillation loss")
     kd_temperature: float = Field(4.0, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    augment: str = Field("none", description="none | crop-flip (random 2-pixel shift + horizontal flip)")
     grad_clip: Optional[float] = Field(5.0, gt=0.0)
     batch_size: int = Field(128, ge=1)
     patience: Optional[int] = Field(None, ge=1, description="early stop after N evaluations without gain")
@@ -175,9 +176,23 @@ class TargetConfig(Strict):
     round_to: int = Field(8, ge=1, description="channel multiple for pruning")
     latency_budget_ms: Optional[float] = Field(None, gt=0.0)
     accuracy_drop_budget_pt: float = Field(1.0, ge=0.0)
-    min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0)
+    min_top1_agreement: Union[float, dict[Precision, float]] = Field(
+        default_factory=lambda: {Precision.fp32: 0.995, Precision.fp16: 0.99, Precision.int8: 0.97},
+        description="floor on top-1 agreement with the FP32 PyTorch model: one value, or one per precision")
     host: Optional[RemoteConfig] = None
     options: dict[str, Any] = Field(default_factory=dict, description="backend-specific settings")
+
+    @field_validator("min_top1_agreement")
+    @classmethod
+    def _agreement_range(cls, v: Union[float, dict]) -> Union[float, dict]:
+        for x in (v.values() if isinstance(v, dict) else [v]):
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"top-1 agreement floors are fractions in [0, 1], got {x}")
+        return v
+
+    def agreement_floor(self, precision: Precision) -> float:
+        v = self.min_top1_agreement
+        return v if isinstance(v, float) else v.get(Precision(precision), 0.0)
 
     @field_validator("precisions")
     @classmethod
@@ -197,7 +212,7 @@ class PipelineConfig(Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
-    targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime"])
+    targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime", "intel-cpu-openvino"])
     fail_on_gate: bool = True
     device: str = Field("auto", description="torch device for scoring and fine-tuning: auto | cpu | cuda")
 

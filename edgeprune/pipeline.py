@@ -150,6 +150,7 @@ def stage_score(run: Run, inp: Inputs, device: str):
 def stage_prune(run: Run, inp: Inputs, scores, device: str) -> torch.nn.Module:
     import copy
 
+    from .finetune import recalibrate_bn
     from .prune import load_pruned, prune_model, save_pruned
     from .scoring import make_importance, needs_gradients
 
@@ -167,6 +168,7 @@ def stage_prune(run: Run, inp: Inputs, scores, device: str) -> torch.nn.Module:
                          global_ranking=pc.global_ranking, iterative_steps=pc.iterative_steps, ignore=pc.ignore,
                          tolerance=pc.tolerance, scores=scores.scores, before_step=before_step,
                          progress=run.progress)
+    recalibrate_bn(result.model, inp.train, device=device)  # pruning leaves BN statistics of the wider net
     save_pruned(result.model, out_dir, arch=run.cfg.model.arch, model_kwargs=run.cfg.model.kwargs,
                 num_classes=run.cfg.model.num_classes, in_channels=pre.channels, input_shape=pre.shape)
     (out_dir / "layers.txt").write_text(result.table() + "\n")
@@ -197,6 +199,7 @@ def _accuracy(model: torch.nn.Module, data: TensorData, device: str) -> float:
 
 
 def stage_finetune(run: Run, inp: Inputs, student: torch.nn.Module, device: str) -> torch.nn.Module:
+    from .augment import get_augmentation
     from .finetune import finetune
     from .prune import load_pruned
 
@@ -204,7 +207,7 @@ def stage_finetune(run: Run, inp: Inputs, student: torch.nn.Module, device: str)
     if run.done("finetune"):
         return load_pruned(run.dir / "pruned")
     res = finetune(student, inp.teacher, inp.train, inp.val, run.cfg.finetune, ckpt_dir=run.dir / "checkpoints",
-                   device=device, progress=run.progress)
+                   device=device, progress=run.progress, augment=get_augmentation(run.cfg.finetune.augment))
     model = res.model.cpu().eval()
     save_safetensors(model, weights)
     shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)

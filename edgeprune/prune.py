@@ -31,6 +31,8 @@ WEIGHTS_FILE = "model.safetensors"
 PRUNED_FORMAT = 1
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _MAX_TRIALS = 8
+_MAX_REFINE_LAYERS = 24  # local width search only where a move costs 2 x layers trials
+_MAX_REFINE_MOVES = 8
 _MIN_BRACKET = 0.02  # below this ratio width, rounding jumps dominate: mix the two ends per layer
 
 
@@ -404,6 +406,41 @@ def _mix(model: nn.Module, x: torch.Tensor, importance: Any, target: _Target, s:
     return best
 
 
+def _refine(model: nn.Module, x: torch.Tensor, importance: Any, target: _Target, s: _Settings,
+            start: _Trial) -> _Trial:
+    """Local search on per-layer widths when channel rounding makes every global ratio miss the
+    target: move one layer by one rounding block (either way) at a time, keeping the move that
+    lands closest to the target, until within tolerance or no move helps. Small models only."""
+    names = [n for n in forward_order(model, x) if n not in s.ignored]
+    if len(names) > _MAX_REFINE_LAYERS:
+        return start
+    init, step = channel_plan(model), s.round_to or 1
+    best = start
+    for _ in range(_MAX_REFINE_MOVES):
+        plan = channel_plan(best.model)
+        moved = None
+        for name in names:
+            for keep in (plan[name] - step, plan[name] + step):
+                if not _min_keep(init[name], init[name], s) <= keep <= init[name]:
+                    continue
+                widths = {n: plan[n] for n in names} | {name: keep}
+                try:
+                    trial = _trial(model, x, importance, start.ratio, s,
+                                   {n: (init[n] - w) / init[n] for n, w in widths.items()})
+                except PruneError:
+                    continue
+                if channel_plan(trial.model).get(name) != keep:
+                    continue  # coupled layer: the group moved differently than asked
+                if abs(target.error(trial)) < abs(target.error(moved or best)):
+                    moved = trial
+        if moved is None:
+            return best
+        best = moved
+        if target.met(best):
+            return best
+    return best
+
+
 # ----------------------------------------------------------------------------- per-layer rows
 
 
@@ -498,6 +535,8 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, importance: Any,
         best, target = _trial(model, example_inputs, importance, ratio, s), None
     else:
         best = _search(model, example_inputs, importance, target, s, progress)
+        if not target.met(best):
+            best = _refine(model, example_inputs, importance, target, s, best)
     plan = channel_plan(best.model)
     rows = _layer_rows(channel_plan(model), plan, _skip_reasons(model, example_inputs, ignored), scores)
     result = PruneResult(best.model, macs0, best.macs, params0, best.params, plan, rows, best.steps, best.ratio,

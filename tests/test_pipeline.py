@@ -44,7 +44,7 @@ def tiny_weights(tmp_path_factory) -> Path:
 def write_targets(root: Path) -> list[str]:
     out = []
     for name, backend in (("t-ort", "onnxruntime"), ("t-ov", "openvino")):
-        spec = {"backend": backend, "device": "CPU", "precisions": ["fp32"], "round_to": 4, "dynamic_batch": True,
+        spec = {"backend": backend, "device": "CPU", "precisions": ["fp32"], "round_to": 2, "dynamic_batch": True,
                 "accuracy_drop_budget_pt": 100.0, "min_top1_agreement": 0.99, "threads": 1}
         (root / f"{name}.yaml").write_text(yaml.safe_dump(spec))
         out.append(str(root / f"{name}.yaml"))

@@ -2,7 +2,7 @@
 
 The "box" is this machine: sshd on a free port with a throwaway host key and user key, and
 ``python -m edgeprune`` as the remote edgeprune. Skips only when sshd cannot be started
-(run scripts/ci_sshd.sh to install it).
+(run scripts/setup.sh --dev to install it).
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None
 def sshd(tmp_path_factory):
     """(temp dir, port, ssh_options) of a running sshd that accepts ``user_key``."""
     if not (os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen")):
-        pytest.skip("OpenSSH server/client not installed (run scripts/ci_sshd.sh)")
+        pytest.skip("OpenSSH server/client not installed (run scripts/setup.sh --dev)")
     d = tmp_path_factory.mktemp("sshd")
     for name in ("host_key", "user_key", "wrong_key"):
         _keygen(d / name)

@@ -15,6 +15,7 @@ from ..config import TargetConfig
 def stage_latency_prune(run: Any, inp: Any, scores: Any, device: str, target: TargetConfig) -> torch.nn.Module:
     """Latency-driven pruning of ``inp.teacher`` for ``target`` (its ``latency_budget_ms``); resumable."""
     from ..pipeline import _accuracy
+    from ..finetune import recalibrate_bn
     from ..prune import channel_plan, load_pruned, save_pruned
     from . import latency_prune
 
@@ -27,6 +28,7 @@ def stage_latency_prune(run: Any, inp: Any, scores: Any, device: str, target: Ta
                         scores=getattr(scores, "scores", scores), criterion=run.cfg.score.criterion,
                         round_to=pc.round_to, max_layer_ratio=pc.max_layer_ratio, ignore=pc.ignore,
                         progress=run.progress)
+    recalibrate_bn(res.model, inp.train, device=device)  # pruning leaves BN statistics of the wider net
     save_pruned(res.model, out_dir, arch=run.cfg.model.arch, model_kwargs=run.cfg.model.kwargs,
                 num_classes=run.cfg.model.num_classes, in_channels=pre.channels, input_shape=pre.shape)
     res.plot(run.dir / "latency_trajectory.png")
