@@ -114,7 +114,7 @@ class PruneConfig(Strict):
 
 
 class FinetuneConfig(Strict):
-    epochs: float = Field(4.0, ge=0.0)
+    epochs: float = Field(3.0, ge=0.0)
     lr: float = Field(0.02, gt=0.0)
     optimizer: str = Field("sgd", description="sgd | adamw")
     schedule: str = Field("cosine", description="cosine | step | constant")
