@@ -23,7 +23,7 @@ from torch import nn
 from edgeprune.config import ModelConfig, Preprocessing
 from edgeprune.data import TensorData, load_fashion_mnist
 from edgeprune.models import BUNDLED_WEIGHTS, build_model, save_safetensors
-from edgeprune.scoring import CRITERIA, make_importance, needs_data, needs_gradients, score_model
+from edgeprune.scoring import make_importance, needs_data, needs_gradients, score_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = RESULTS / "cache"

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from . import __version__
-from .config import PipelineConfig, Precision, TargetConfig, dump_yaml
+from .config import PipelineConfig, TargetConfig, dump_yaml
 from .data import CalibrationSet, TensorData, load_calibration, load_split, train_val_split
 from .errors import EdgePruneError, GateError
 from .models import load_model, save_safetensors

@@ -141,7 +141,6 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
 @functools.lru_cache(maxsize=None)
 def fp16_probe(provider: str) -> tuple[bool, str]:
     """Whether ``provider`` runs an FP16 Conv (a one-node model), and why not."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float16), "w")
