@@ -149,14 +149,13 @@ def stage_score(run: Run, inp: Inputs, device: str):
 def stage_prune(run: Run, inp: Inputs, scores, device: str) -> torch.nn.Module:
     import copy
 
-    from .finetune import recalibrate_bn
-    from .prune import load_pruned, prune_model, save_pruned
+    from .prune import load_pruned, prune_model
     from .scoring import make_importance, needs_gradients
 
     out_dir = run.dir / "pruned"
     if run.done("prune"):
         return load_pruned(out_dir)
-    pc, pre = run.cfg.prune, run.cfg.data.preprocessing
+    pc = run.cfg.prune
     example = inp.calibration.data.images[:1]
     before_step = _taylor_backward(inp) if needs_gradients(run.cfg.score.criterion) else None
     result = prune_model(copy.deepcopy(inp.teacher), example, make_importance(run.cfg.score.criterion, scores,
@@ -167,19 +166,30 @@ def stage_prune(run: Run, inp: Inputs, scores, device: str) -> torch.nn.Module:
                          global_ranking=pc.global_ranking, iterative_steps=pc.iterative_steps, ignore=pc.ignore,
                          tolerance=pc.tolerance, scores=scores.scores, before_step=before_step,
                          progress=run.progress)
-    recalibrate_bn(result.model, inp.train, device=device)  # pruning leaves BN statistics of the wider net
-    save_pruned(result.model, out_dir, arch=run.cfg.model.arch, model_kwargs=run.cfg.model.kwargs,
-                num_classes=run.cfg.model.num_classes, in_channels=pre.channels, input_shape=pre.shape)
+    record_pruned(run, inp, result.model, device, macs=(result.macs_before, result.macs_after),
+                  params=(result.params_before, result.params_after))
     (out_dir / "layers.txt").write_text(result.table() + "\n")
-    run.report["model"] = {"arch": run.cfg.model.arch, "macs_before": result.macs_before,
-                           "macs_after": result.macs_after, "params_before": result.params_before,
-                           "params_after": result.params_after,
-                           "macs_reduction": round(result.macs_before / max(result.macs_after, 1), 4),
-                           "params_reduction": round(result.params_before / max(result.params_after, 1), 4)}
     run.report["prune"] = result.to_dict()
-    run.report.setdefault("accuracy", {})["pruned_before_finetune"] = _accuracy(result.model, inp.eval, device)
     run.mark("prune")
     return result.model
+
+
+def record_pruned(run: Run, inp: Inputs, model: torch.nn.Module, device: str, *, macs: tuple[int, int],
+                  params: tuple[int, int]) -> None:
+    """What every prune stage ends with: BN statistics re-estimated, the model saved to ``pruned/``
+    (no pickle), its size and its accuracy before fine-tuning reported."""
+    from .finetune import recalibrate_bn
+    from .prune import save_pruned
+
+    pre = run.cfg.data.preprocessing
+    recalibrate_bn(model, inp.train, device=device)  # pruning leaves BN statistics of the wider net
+    save_pruned(model, run.dir / "pruned", arch=run.cfg.model.arch, model_kwargs=run.cfg.model.kwargs,
+                num_classes=run.cfg.model.num_classes, in_channels=pre.channels, input_shape=pre.shape)
+    run.report["model"] = {"arch": run.cfg.model.arch, "macs_before": macs[0], "macs_after": macs[1],
+                           "params_before": params[0], "params_after": params[1],
+                           "macs_reduction": round(macs[0] / max(macs[1], 1), 4),
+                           "params_reduction": round(params[0] / max(params[1], 1), 4)}
+    run.report.setdefault("accuracy", {})["pruned_before_finetune"] = _accuracy(model, inp.eval, device)
 
 
 def _taylor_backward(inp: Inputs):
