@@ -4,8 +4,8 @@ For each model (VGG-style ``fmnist_cnn``, ResNet-style ``fmnist_resnet``), crite
 score on a 512-image calibration sample of the train split, prune with torch-pruning to the target,
 fine-tune (distillation from the unpruned model, same budget for every criterion), evaluate top-1
 on the full 10k test set. Every finished cell is saved as JSON and skipped on rerun, so the table
-can be filled over several runs. Baselines are trained once and cached (resumable) in
-benchmarks/results/cache/.
+can be filled over several runs. Baselines are trained once (resumable) and kept in
+benchmarks/results/baselines/ (committed, so that later runs fill the same table).
 
     python benchmarks/pruning_quality.py            # the full table (hours on 2 CPU cores)
     python benchmarks/pruning_quality.py --quick    # < 15 min: 1 model, 4 criteria, 2x, 1 seed, short budget
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-CACHE = RESULTS / "cache"
+CACHE = RESULTS / "cache"  # fine-tuning checkpoints (gitignored)
+BASELINES = RESULTS / "baselines"
 ASSET = HERE.parent / "edgeprune" / "assets" / "fmnist_cnn.safetensors"
 CRITERIA = ["sae-mi", "sae-kernel-mi", "mi", "sae", "l1", "taylor", "bn-scale", "random"]
 MODELS = {"vgg": "fmnist_cnn", "resnet": "fmnist_resnet"}
@@ -90,7 +92,7 @@ def baseline(name: str, train, val, test, budget: Budget, device: str, quick: bo
             return model.eval(), acc
         print(f"bundled {ASSET.name}: {acc:.4f} < {BASELINE_GOAL}; training our own baseline")
     tag = f"{MODELS[name]}-e{budget.baseline_epochs:g}"
-    path = CACHE / f"{tag}.safetensors"
+    path = BASELINES / f"{tag}.safetensors"  # committed (~0.6 MB), so that later runs fill the same table
     model = factory()
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
@@ -102,7 +104,7 @@ def baseline(name: str, train, val, test, budget: Budget, device: str, quick: bo
         res = finetune(model, None, train, val, cfg, ckpt_dir=CACHE / f"train-{tag}", device=device,
                        augment=augment)
         model = res.model
-        CACHE.mkdir(parents=True, exist_ok=True)
+        BASELINES.mkdir(parents=True, exist_ok=True)
         save_safetensors(model, path)
     acc = evaluate(model.to(device), test, device=device)
     if acc < BASELINE_GOAL:
@@ -242,9 +244,10 @@ def main(argv=None) -> None:
     for model_name in models:
         teacher, base_acc = baseline(model_name, *data, budget, device, args.quick)
         print(f"{model_name}: baseline top-1 {base_acc:.4f}", flush=True)
-        for target in targets:
-            for crit in crits:
-                for seed in seeds:
+        # seeds outermost: a partial run still holds complete tables for the first seeds
+        for seed in seeds:
+            for target in targets:
+                for crit in crits:
                     key = f"{model_name}-{crit}-{target:g}x-s{seed}"
                     path = out_dir / f"{key}.json"
                     if path.is_file():
@@ -253,7 +256,9 @@ def main(argv=None) -> None:
                     cell = run_cell(key, model_name, teacher, base_acc, crit, target, seed, data, budget, device,
                                     out_dir)
                     cell["cell_s"] = time.perf_counter() - t0
-                    path.write_text(json.dumps(cell, indent=1))
+                    tmp = path.with_suffix(".json.tmp")
+                    tmp.write_text(json.dumps(cell, indent=1))
+                    tmp.replace(path)
                     print(f"{key}: top-1 {cell['top1']:.4f} (drop {cell['drop_pt']:.2f} pt, MACs "
                           f"{cell['macs_reduction']:.2f}x, scoring {cell['scoring_s']:.2f} s, cell {cell['cell_s']:.0f} s)",
                           flush=True)
@@ -264,8 +269,14 @@ def main(argv=None) -> None:
 def write_table(out_dir: Path, name: str, args) -> None:
     cells = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
     cmd = "python benchmarks/pruning_quality.py" + (" --quick" if args.quick else "")
+    cmd += f" --threads {args.threads}" if args.threads else ""
+    if args.models:  # the full table is filled by one process per model, side by side
+        cmd += " --models vgg` and, in a second process, `--models resnet"  # table() wraps it in backticks
     title = "Pruning quality on Fashion-MNIST" + (" (--quick: short budget, not the committed table)" if args.quick else "")
-    (RESULTS / f"{name}.md").write_text(table(cells, title, cmd))
+    out = RESULTS / f"{name}.md"
+    tmp = out.with_suffix(f".md.{os.getpid()}.tmp")  # several processes (one per model) may share the table
+    tmp.write_text(table(cells, title, cmd))
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,15 @@ def scores_of(model, data, criterion, **kw):
     return score_model(model, data, criterion=name, num_classes=10, progress=False, **params, **kw)
 
 
+def timed(model, data, criterion, quant, *, repeat_below_s: float = 5.0, repeats: int = 3) -> float:
+    """Seconds of one scoring run; runs shorter than ``repeat_below_s`` are repeated and the best kept
+    (first-call warm-up and scheduler noise dominate short runs; long ones are timed once)."""
+    t = scores_of(model, data, criterion, quantization=quant).seconds
+    if t < repeat_below_s:
+        t = min([t] + [scores_of(model, data, criterion, quantization=quant).seconds for _ in range(repeats - 1)])
+    return t
+
+
 def one_shot(model, crit, calib, test, ratio, quant: str = "minmax") -> float:
     import torch_pruning as tp
 
@@ -133,7 +142,7 @@ def bench_model(model, train, test, *, sizes, stab_n, criteria, quant, skip_timi
     for c in criteria:
         if c in DATA_FREE:
             continue
-        res["seconds"][c] = {n: scores_of(model, train.subset(perm[:n]), c, quantization=quant).seconds
+        res["seconds"][c] = {n: timed(model, train.subset(perm[:n]), c, quant)
                              for n in sizes if (c, n) not in skip_timing}
         print(f"  time {c}: {res['seconds'][c]}", flush=True)
     s1, s2 = train.subset(perm[:stab_n]), train.subset(perm[stab_n: 2 * stab_n])
@@ -157,6 +166,10 @@ def bench_model(model, train, test, *, sizes, stab_n, criteria, quant, skip_timi
 # ----------------------------------------------------------------------------- report
 
 
+def _at(seconds: dict, n: int):
+    return {int(k): v for k, v in seconds.items()}.get(n)
+
+
 def _fmt(v, nd=3):
     return "-" if v is None or v != v else f"{v:.{nd}f}"
 
@@ -165,26 +178,32 @@ def markdown(all_res: dict, meta: dict) -> str:
     lines = [f"# Scoring benchmark ({'quick' if meta['quick'] else 'full'})", "",
              f"Command: `{meta['command']}`; {meta['threads']} torch thread(s); calibration from the Fashion-MNIST "
              f"train split, accuracy on {meta['test_n']} test images; quantization {meta['quant']}.", ""]
+    sizes = meta["sizes"]
+    at = 512 if 512 in sizes else sizes[-1]  # the issue's goal: >= 10x faster than mi at N = 512
     for arch, r in all_res.items():
-        sizes = meta["sizes"]
         lines += [f"## {arch} ({r['source']}; unpruned accuracy {r['base_acc']:.4f})", "",
-                  "| criterion | " + " | ".join(f"s @N={n}" for n in sizes) + f" | mi / crit @N={sizes[-1]} "
+                  "| criterion | " + " | ".join(f"s @N={n}" for n in sizes) + f" | mi / crit @N={at} "
+                  f"| time x for N x{sizes[-1] // sizes[0]} "
                   f"| Spearman 2 samples (N={meta['stab_n']}) | noise 0.1 | noise 0.3 | acc -25% | acc -50% |",
-                  "|" + "---|" * (len(sizes) + 7)]
-        mi_t = r["seconds"].get("mi", {}).get(sizes[-1])
+                  "|" + "---|" * (len(sizes) + 8)]
+        mi_t = _at(r["seconds"].get("mi", {}), at)
         for c in meta["criteria"]:
-            t = r["seconds"].get(c, {})
-            ratio = (mi_t / t[sizes[-1]]) if mi_t and t.get(sizes[-1]) else None
+            t = {int(k): v for k, v in r["seconds"].get(c, {}).items()}
+            ratio = (mi_t / t[at]) if mi_t and t.get(at) else None
+            growth = t[sizes[-1]] / t[sizes[0]] if t.get(sizes[-1]) and t.get(sizes[0]) else None
             noise = r["noise"].get(c, {})
             os_ = r["one_shot"].get(c, {})
             data_free = c in WEIGHTS_ONLY
             lines.append(f"| {c} | " + " | ".join(_fmt(t.get(n), 2) for n in sizes) + f" | {_fmt(ratio, 1)} | "
+                         + f"{_fmt(growth, 1)} | "
                          + ("1 (weights only)" if data_free else _fmt(r["stability"].get(c)))
                          + f" | {'1 (weights only)' if data_free else _fmt(noise.get(0.1))}"
                          f" | {'1 (weights only)' if data_free else _fmt(noise.get(0.3))}"
                          f" | {_fmt(os_.get(0.25), 4)} | {_fmt(os_.get(0.5), 4)} |")
         lines.append("")
-    lines += ["Seconds include the forward passes over the calibration images. `mi` is alpha=1 "
+    lines += ["Seconds include the forward passes over the calibration images; runs under 5 s are best of 3. "
+              "`-`: not timed (sae-kernel-mi stops one size early: an N x N eigendecomposition per filter like mi). "
+              "`mi` is alpha=1 "
               "(eigendecomposition, the HRel-style baseline), `mi-a2` alpha=2 (Frobenius norm). "
               "l1/l2/bn-scale/fpgm use weights only and rank identically on any sample; taylor's ranking "
               "stability was not measured; `random` is the control. "
@@ -207,7 +226,8 @@ def main() -> None:
     quick = args.quick
     sizes = [128, 256, 512] if quick else [128, 256, 512, 1024]
     stab_n = 128 if quick else 512
-    skip_timing = {("sae-kernel-mi", 512)} if quick else set()  # quick: the slowest estimator stops at 256
+    # the O(N^3) kernel estimators on descriptors stop one size early (their cost is known from mi's growth)
+    skip_timing = {("sae-kernel-mi", 512)} if quick else {("sae-kernel-mi", 1024)}
     criteria = ["sae-mi", "sae-kernel-mi", "mi", "mi-a2", "sae", "l1", "l2", "bn-scale", "fpgm", "taylor", "random"]
     if args.criteria:
         criteria = [c for c in criteria if c in args.criteria.split(",")]

@@ -96,6 +96,8 @@ class ScoreConfig(Strict):
     radius: int = Field(1, ge=1, le=8, description="Chebyshev neighbourhood radius r")
     quantization: str = Field("minmax", description="minmax | percentile | quantile")
     use_predicted_labels: bool = Field(False, description="label by the unpruned model's prediction")
+    cache_mb: float = Field(256.0, ge=0, description="MiB of maps kept between the range and scoring passes "
+                            "(saves a forward pass; 0 = stream only)")
     params: dict[str, Any] = Field(default_factory=dict)
 
 

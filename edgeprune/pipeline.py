@@ -136,7 +136,8 @@ def stage_score(run: Run, inp: Inputs, device: str):
     calib = inp.calibration.data.subset(range(min(sc.num_images, len(inp.calibration.data))))
     scores = score_model(inp.teacher, calib, criterion=sc.criterion, num_classes=run.cfg.model.num_classes,
                          device=device, levels=sc.levels, radius=sc.radius, quantization=sc.quantization,
-                         use_predicted_labels=sc.use_predicted_labels, progress=run.progress, **sc.params)
+                         use_predicted_labels=sc.use_predicted_labels, cache_mb=sc.cache_mb, progress=run.progress,
+                         **sc.params)
     scores.to_json(path)
     scores.to_csv(run.dir / "scores.csv")
     run.report["scoring"] = {"criterion": sc.criterion, "seconds": round(scores.seconds, 3),

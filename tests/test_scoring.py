@@ -133,6 +133,25 @@ def test_sae_mi_invariant_to_order_and_batch_size(tiny_model, tiny_data):
         assert torch.allclose(base[name], other[name], atol=1e-4), name
 
 
+@pytest.mark.parametrize("quantization", ["minmax", "percentile"])
+def test_map_cache_gives_the_same_scores_as_streaming(tiny_model, tiny_data, quantization):
+    """The maps kept between the statistics and scoring passes (all, some, none) change nothing."""
+    def run(mb):
+        return score_model(tiny_model, tiny_data, criterion="sae-mi", batch_size=16, quantization=quantization,
+                           cache_mb=mb, progress=False)
+
+    full = run(256.0)
+    half = full.params["map_cache"]["mb"] / 2  # room for 2 of the 4 batches
+    runs = {256.0: full, half: run(half), 0.0: run(0.0)}
+    info = {mb: r.params["map_cache"]["cached_images"] for mb, r in runs.items()}
+    assert info == {256.0: 64, half: 32, 0.0: 0}, info  # all / a prefix / none
+    for mb in (half, 0.0):
+        for name, v in runs[256.0].scores.items():
+            assert torch.equal(v, runs[mb].scores[name]), (mb, name)
+    with pytest.raises(ConfigError, match="cache_mb"):
+        score_model(tiny_model, tiny_data, criterion="sae-mi", cache_mb=-1, progress=False)
+
+
 def test_predicted_labels_and_label_free(tiny_model, tiny_data):
     res = score_model(tiny_model, tiny_data, criterion="sae-mi", use_predicted_labels=True, progress=False)
     assert res.labels_source == "predicted" and len(res.scores) == 6

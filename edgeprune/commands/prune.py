@@ -58,7 +58,7 @@ def _scores_and_importance(model, cfg, progress: bool):
     scores = score_model(model, calib, criterion=sc.criterion, num_classes=cfg.model.num_classes,
                          batch_size=cfg.data.batch_size, levels=sc.levels, radius=sc.radius,
                          quantization=sc.quantization, use_predicted_labels=sc.use_predicted_labels,
-                         progress=progress, **sc.params)
+                         cache_mb=sc.cache_mb, progress=progress, **sc.params)
     return make_importance(sc.criterion, scores, normalize=cfg.prune.normalize), scores.scores
 
 

@@ -133,10 +133,12 @@ def _check_args(levels: int, radius: int, quantization: str, batch_size: int) ->
 def score_model(model: nn.Module, data, *, criterion: str = "sae-mi", num_classes: Optional[int] = None,
                 batch_size: int = 128, device: str = "cpu", levels: int = 8, radius: int = 1,
                 quantization: str = "minmax", use_predicted_labels: bool = False, progress: bool = True,
-                **params) -> ChannelScores:
+                cache_mb: float = 256.0, **params) -> ChannelScores:
     """Per-channel scores of every ``Conv2d`` of ``model`` on calibration ``data`` (a TensorData).
 
     torch-pruning criteria compute their importance inside the pruner: the scores dict is empty.
+    Quantized criteria keep up to ``cache_mb`` MiB of tapped maps from the statistics pass instead
+    of recomputing them with a second forward pass (0: stream only); the scores do not depend on it.
     """
     crit = CRITERIA.get(criterion)
     _check_args(levels, radius, quantization, batch_size)
@@ -151,8 +153,10 @@ def score_model(model: nn.Module, data, *, criterion: str = "sae-mi", num_classe
     labels, source = _labels(model, data, crit, use_predicted_labels, batch_size, device)
     k = num_classes or (max(len(getattr(data, "classes", []) or []), int(labels.max()) + 1) if labels is not None else 1)
     taps = find_taps(model, data.images[:2].to(device))
+    if cache_mb < 0:
+        raise ConfigError(f"cache_mb must be >= 0 (got {cache_mb})")
     ctx = ScoringContext(model, data.images, labels, k, taps, batch_size, device, levels, radius, quantization,
-                         progress, dict(params))
+                         progress, dict(params), cache_mb=cache_mb)
     scores = crit.compute(ctx)
     seconds = time.perf_counter() - t0
     record.update({"num_classes": k, "taps": {c: list(t.chain) for c, t in taps.items()}, **_jsonable(ctx.info)})

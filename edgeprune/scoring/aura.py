@@ -70,8 +70,8 @@ def quantize(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
 def quantize_uniform(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int) -> torch.Tensor:
     """(B, C, H, W), (C,), (C,) -> (B, C, H, W) int32 ``floor(G (a - lo) / (hi - lo))`` clipped to 0..G-1."""
     scale = (levels / (hi - lo).clamp_min(1e-12)).view(1, -1, 1, 1)
-    q = ((x.detach().float() - lo.view(1, -1, 1, 1)) * scale).floor_().clamp_(0, levels - 1)
-    return q.to(torch.int32)
+    q = (x.detach().float() - lo.view(1, -1, 1, 1)).mul_(scale).clamp_(0, levels - 1)
+    return q.to(torch.int32)  # truncation of a value >= 0 is its floor
 
 
 def quantize_minmax(x: torch.Tensor, *, levels: int, lo: Optional[torch.Tensor] = None,

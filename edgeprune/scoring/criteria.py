@@ -36,6 +36,7 @@ class ScoringContext:
     quantization: str = "minmax"
     progress: bool = False
     params: dict[str, Any] = field(default_factory=dict)
+    cache_mb: float = 256.0  # memory for tapped maps kept between the statistics and scoring passes
     info: dict[str, Any] = field(default_factory=dict)  # filled by criteria (sigmas, ...)
 
     def maps(self, desc: str):
@@ -70,22 +71,67 @@ CRITERIA: Registry[Criterion] = Registry("criterion")
 # ----------------------------------------------------------------------------- streaming passes
 
 
-def channel_ranges(ctx: ScoringContext) -> dict[str, Any]:
-    """Statistics passes (1 for min-max, 2 for percentile / quantile) -> conv -> ChannelRange."""
+class MapCache:
+    """The tapped maps of the first calibration batches, kept while they fit in ``budget_mb``.
+
+    Quantization needs per-channel ranges over the whole calibration set before any map can be
+    quantized, so a scoring criterion reads the maps twice. The batches kept here are replayed
+    instead of being recomputed by another forward pass; the rest are recomputed. Memory stays
+    below the budget whatever N is (0 disables the cache: pure streaming, one more forward pass).
+    """
+
+    def __init__(self, budget_mb: float):
+        self.budget = int(budget_mb * 2**20)
+        self.used = 0
+        self.batches: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.full = self.budget <= 0
+        self.end = 0  # images[:end] are cached
+
+    def offer(self, start: int, maps: dict[str, torch.Tensor]) -> None:
+        if self.full:
+            return
+        size = sum(x.numel() * x.element_size() for x in maps.values())
+        if self.used + size > self.budget:
+            self.full = True  # keep a prefix only, so that the rest is one contiguous slice
+            return
+        self.batches.append((start, maps))
+        self.used += size
+        self.end = start + next(iter(maps.values())).shape[0] if maps else start
+
+
+def _replay(ctx: ScoringContext, cache: MapCache, desc: str):
+    """Yield ``(start, maps)`` for every calibration batch: cached ones first, the rest recomputed."""
+    yield from cache.batches
+    if cache.end < len(ctx.images):
+        for start, maps, _ in iterate_maps(ctx.model, ctx.taps, ctx.images[cache.end:], batch_size=ctx.batch_size,
+                                           device=ctx.device, desc=desc, progress=ctx.progress):
+            yield cache.end + start, maps
+
+
+def _ranged_batches(ctx: ScoringContext, desc: str):
+    """Statistics passes (1 for min-max, 2 for percentile / quantile), then ``(start, maps, ranges)``
+    per batch, with ``ranges`` conv -> ChannelRange over the whole calibration set."""
     check_quantization(ctx.quantization)
     pct = tuple(ctx.params.get("percentiles", (1.0, 99.0)))
     trackers = {name: RangeTracker(ctx.quantization, ctx.levels, pct) for name in ctx.taps}
-    for p in range(trackers[next(iter(trackers))].passes if trackers else 0):
-        for _, maps in ctx.maps(f"ranges pass {p + 1}"):
+    passes = trackers[next(iter(trackers))].passes if trackers else 0
+    cache = MapCache(ctx.cache_mb)
+    for p in range(passes):
+        batches = ctx.maps(f"ranges pass {p + 1}") if p == 0 else _replay(ctx, cache, f"ranges pass {p + 1}")
+        for start, maps in batches:
             for name, x in maps.items():
                 trackers[name].update(x, p)
-    return {name: t.finish() for name, t in trackers.items()}
+            if p == 0:
+                cache.offer(start, maps)
+    ranges = {name: t.finish() for name, t in trackers.items()}
+    ctx.info["map_cache"] = {"cached_images": cache.end, "mb": cache.used / 2**20}
+    for start, maps in _replay(ctx, cache, desc):
+        yield start, maps, ranges
 
 
 def _quantized_batches(ctx: ScoringContext, desc: str):
     """Yield ``(start, {conv: (B, C, H, W) levels})`` after the statistics passes."""
-    ranges = channel_ranges(ctx)
-    for start, maps in ctx.maps(desc):
+    for start, maps, ranges in _ranged_batches(ctx, desc):
         yield start, {name: ranges[name].apply(x) for name, x in maps.items()}
 
 
