@@ -193,8 +193,40 @@ def table(cells: list[dict], title: str, command: str) -> str:
                 lines.append(f"| {tgt:g}x | {crit} | {len(cs)} | {_ms(pick('top1', 100), '.2f')} | "
                              f"{_ms(pick('drop_pt'), '.2f')} | {_ms(pick('top1_before_finetune', 100), '.1f')} | "
                              f"{_ms(pick('macs_reduction'), '.2f')} | {_ms(pick('scoring_s'), '.2f')} |")
-        lines.append("")
+        lines += [""] + goals(rows) + [""]
     return "\n".join(lines)
+
+
+GOALS = {2.0: 0.3, 3.0: 1.0}  # MACs reduction -> largest acceptable sae-mi drop (pt), from issue 7
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """The issue's goals, checked against the mean over the seeds present (only cells with the same seeds)."""
+    out = ["Goals (mean over seeds):", ""]
+    for tgt, max_drop in GOALS.items():
+        at = [c for c in rows if c["target_macs_reduction"] == tgt]
+        ours = [c for c in at if c["criterion"] == "sae-mi"]
+        if not ours:
+            continue
+        seeds = {c["seed"] for c in ours}
+        mean = lambda cs, k: statistics.mean(c[k] for c in cs)  # noqa: E731
+        drop = mean(ours, "drop_pt")
+        line = (f"- {tgt:g}x: sae-mi drop {drop:.2f} pt over seeds {sorted(seeds)}, goal <= {max_drop:g} pt: "
+                f"{'met' if drop <= max_drop else 'not met'}")
+        if tgt == 2.0:
+            others = {}
+            for crit in CRITERIA[1:]:
+                cs = [c for c in at if c["criterion"] == crit and c["seed"] in seeds]
+                if {c["seed"] for c in cs} == seeds:
+                    others[crit] = mean(cs, "top1")
+            if others:
+                best = max(others, key=others.get)
+                top1 = mean(ours, "top1")
+                line += (f"; sae-mi top-1 {100 * top1:.2f} % vs the best other criterion {best} "
+                         f"{100 * others[best]:.2f} % (same seeds), goal >= every baseline: "
+                         f"{'met' if top1 >= others[best] else 'not met'}")
+        out.append(line)
+    return out
 
 
 def machine() -> str:
@@ -277,6 +309,39 @@ def write_table(out_dir: Path, name: str, args) -> None:
     tmp = out.with_suffix(f".md.{os.getpid()}.tmp")  # several processes (one per model) may share the table
     tmp.write_text(table(cells, title, cmd))
     tmp.replace(out)
+    if cells:
+        plot(cells, RESULTS / f"{name}.png")
+
+
+def plot(cells: list[dict], path: Path) -> None:
+    """Top-1 after fine-tuning per criterion (mean, std bars), one panel per model and target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(c["model"], c["target_macs_reduction"]) for c in cells})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (model, tgt) in zip(axes[0], panels):
+        rows = [c for c in cells if c["model"] == model and c["target_macs_reduction"] == tgt]
+        crits = [k for k in CRITERIA if any(c["criterion"] == k for c in rows)]
+        vals = [[100 * c["top1"] for c in rows if c["criterion"] == k] for k in crits]
+        means = [statistics.mean(v) for v in vals]
+        sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+        colors = ["tab:red" if k == "sae-mi" else "tab:gray" for k in crits]
+        ax.bar(range(len(crits)), means, yerr=sds, color=colors, capsize=3)
+        ax.axhline(100 * rows[0]["baseline_top1"], color="black", lw=1, ls="--", label="unpruned")
+        ax.set_xticks(range(len(crits)), crits, rotation=45, ha="right", fontsize=8)
+        lo = min(m - s for m, s in zip(means, sds))
+        ax.set_ylim(max(0.0, lo - 1.0), 100 * rows[0]["baseline_top1"] + 0.5)
+        ax.set_title(f"{model}, {tgt:g}x MACs (n={max(len(v) for v in vals)} seeds)", fontsize=9)
+        ax.set_ylabel("top-1 % after fine-tuning")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

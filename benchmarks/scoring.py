@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -177,7 +178,9 @@ def _fmt(v, nd=3):
 def markdown(all_res: dict, meta: dict) -> str:
     lines = [f"# Scoring benchmark ({'quick' if meta['quick'] else 'full'})", "",
              f"Command: `{meta['command']}`; {meta['threads']} torch thread(s); calibration from the Fashion-MNIST "
-             f"train split, accuracy on {meta['test_n']} test images; quantization {meta['quant']}.", ""]
+             f"train split, accuracy on {meta['test_n']} test images; quantization {meta['quant']}."
+             + (f" Load average (1 min) at start / end: {meta['load'][0]:.1f} / {meta['load'][1]:.1f} on "
+                f"{os.cpu_count()} cores." if meta.get("load") else ""), ""]
     sizes = meta["sizes"]
     at = 512 if 512 in sizes else sizes[-1]  # the goal: >= 10x faster than mi at N = 512
     for arch, r in all_res.items():
@@ -235,7 +238,7 @@ def main() -> None:
     train = load_fashion_mnist(None, "train", pre, limit=12000 if quick else 60000)
     test = load_fashion_mnist(None, "eval", pre, limit=1000 if quick else 10000)
     all_res = {}
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()[0]
     for arch in archs:
         model, source = get_model(arch, train=train, epochs=1 if quick else 2)
         print(f"{arch}: {source}", flush=True)
@@ -243,7 +246,7 @@ def main() -> None:
                         skip_timing=skip_timing)
         r.update(source=source, base_acc=accuracy(model, test))
         all_res[arch] = r
-    meta = {"quick": quick, "sizes": sizes, "stab_n": stab_n, "criteria": criteria, "threads": args.threads,
+    meta = {"quick": quick, "load": [load0, os.getloadavg()[0]], "sizes": sizes, "stab_n": stab_n, "criteria": criteria, "threads": args.threads,
             "test_n": len(test), "quant": args.quantization, "wall_s": time.time() - t0,
             "command": "python benchmarks/scoring.py" + (" --quick" if quick else "")
             + (f" --quantization {args.quantization}" if args.quantization != "minmax" else "")
