@@ -162,6 +162,25 @@ def test_openvino_unavailable_device_refused(tiny_onnx, tmp_path):
         backend.load(art, target=_target("openvino", Precision.fp32, device="NPU"))
 
 
+def test_openvino_fp16_weights_run_on_any_cpu(tiny_onnx, images, tmp_path):
+    """FP16 IR (compressed weights) runs everywhere with f32 compute; without f32, a CPU that cannot
+    compute in FP16 refuses with its capabilities instead of silently running something else."""
+    pytest.importorskip("openvino")
+    backend = get_backend("openvino")
+    onnx_path, model = tiny_onnx
+    art = backend.compile(onnx_path, tmp_path, target=_target("openvino", Precision.fp16), precision=Precision.fp16)
+    target = _target("openvino", Precision.fp16, options={"inference_precision": "f32"})
+    out = backend.load(art, target=target)(images[1])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(images[1])).numpy()
+    assert float(np.abs(out - ref).max()) <= 1e-2 * float(np.abs(ref).max())
+    ok, why = backend.supports(Precision.fp16, "CPU")
+    if not ok:
+        assert "cannot compute in FP16" in why and "FP32" in why
+        with pytest.raises(BackendUnavailableError, match="cannot compute in FP16"):
+            backend.load(art, target=_target("openvino", Precision.fp16))
+
+
 def test_tensorrt_without_gpu_says_why():
     from edgeprune.backends.tensorrt_backend import parse_device
 

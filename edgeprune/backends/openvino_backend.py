@@ -99,6 +99,10 @@ class OpenVINOBackend(Backend):
                 _nncf()
             except BackendUnavailableError as exc:
                 return False, exc.message
+        caps = _capabilities(core, device)
+        if precision == Precision.fp16 and caps and "FP16" not in caps:  # e.g. a CPU without AVX512-FP16 / AMX-FP16
+            return False, (f"OpenVINO device {device!r} cannot compute in FP16 on this machine; its capabilities: "
+                           f"{', '.join(caps)}")
         return True, ""
 
     # ------------------------------------------------------------------ compile
