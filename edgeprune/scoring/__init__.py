@@ -123,9 +123,11 @@ def _labels(model, data, crit: Criterion, use_predicted: bool, batch_size: int, 
     return data.labels.long(), "labels"
 
 
-def _check_args(levels: int, radius: int, quantization: str, batch_size: int) -> None:
+def _check_args(levels: int, radius: int, quantization: str, batch_size: int, cache_mb: float) -> None:
     if levels < 2 or radius < 1 or batch_size < 1:
         raise ConfigError(f"levels must be >= 2, radius >= 1 and batch_size >= 1 (got {levels}, {radius}, {batch_size})")
+    if cache_mb < 0:
+        raise ConfigError(f"cache_mb must be >= 0 (got {cache_mb})")
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"unknown quantization {quantization!r}; valid: {', '.join(QUANTIZATIONS)}")
 
@@ -141,7 +143,7 @@ def score_model(model: nn.Module, data, *, criterion: str = "sae-mi", num_classe
     of recomputing them with a second forward pass (0: stream only); the scores do not depend on it.
     """
     crit = CRITERIA.get(criterion)
-    _check_args(levels, radius, quantization, batch_size)
+    _check_args(levels, radius, quantization, batch_size, cache_mb)
     record = {"levels": levels, "radius": radius, "quantization": quantization, "num_images": len(data.images),
               **params}
     if not crit.needs_data:
@@ -153,8 +155,6 @@ def score_model(model: nn.Module, data, *, criterion: str = "sae-mi", num_classe
     labels, source = _labels(model, data, crit, use_predicted_labels, batch_size, device)
     k = num_classes or (max(len(getattr(data, "classes", []) or []), int(labels.max()) + 1) if labels is not None else 1)
     taps = find_taps(model, data.images[:2].to(device))
-    if cache_mb < 0:
-        raise ConfigError(f"cache_mb must be >= 0 (got {cache_mb})")
     ctx = ScoringContext(model, data.images, labels, k, taps, batch_size, device, levels, radius, quantization,
                          progress, dict(params), cache_mb=cache_mb)
     scores = crit.compute(ctx)

@@ -39,11 +39,11 @@ class ScoringContext:
     cache_mb: float = 256.0  # memory for tapped maps kept between the statistics and scoring passes
     info: dict[str, Any] = field(default_factory=dict)  # filled by criteria (sigmas, ...)
 
-    def maps(self, desc: str):
-        """Yield ``(start, maps)`` per calibration batch: conv name -> (B, C, H, W)."""
-        for start, maps, _ in iterate_maps(self.model, self.taps, self.images, batch_size=self.batch_size,
+    def maps(self, desc: str, first: int = 0):
+        """Yield ``(start, maps)`` per calibration batch from image ``first`` on: conv name -> (B, C, H, W)."""
+        for start, maps, _ in iterate_maps(self.model, self.taps, self.images[first:], batch_size=self.batch_size,
                                            device=self.device, desc=desc, progress=self.progress):
-            yield start, maps
+            yield first + start, maps
 
     def batch_labels(self, start: int, size: int) -> torch.Tensor:
         return self.labels[start: start + size].to(self.device)
@@ -103,9 +103,7 @@ def _replay(ctx: ScoringContext, cache: MapCache, desc: str):
     """Yield ``(start, maps)`` for every calibration batch: cached ones first, the rest recomputed."""
     yield from cache.batches
     if cache.end < len(ctx.images):
-        for start, maps, _ in iterate_maps(ctx.model, ctx.taps, ctx.images[cache.end:], batch_size=ctx.batch_size,
-                                           device=ctx.device, desc=desc, progress=ctx.progress):
-            yield cache.end + start, maps
+        yield from ctx.maps(desc, cache.end)
 
 
 def _ranged_batches(ctx: ScoringContext, desc: str):
