@@ -288,14 +288,20 @@ def main(argv=None) -> None:
                     cell = run_cell(key, model_name, teacher, base_acc, crit, target, seed, data, budget, device,
                                     out_dir)
                     cell["cell_s"] = time.perf_counter() - t0
-                    tmp = path.with_suffix(".json.tmp")
-                    tmp.write_text(json.dumps(cell, indent=1))
-                    tmp.replace(path)
+                    write_atomic(path, json.dumps(cell, indent=1))
                     print(f"{key}: top-1 {cell['top1']:.4f} (drop {cell['drop_pt']:.2f} pt, MACs "
                           f"{cell['macs_reduction']:.2f}x, scoring {cell['scoring_s']:.2f} s, cell {cell['cell_s']:.0f} s)",
                           flush=True)
                     write_table(out_dir, name, args)
     write_table(out_dir, name, args)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Temp file named after this process, then rename: processes filling the table side by side (one
+    per model, or two on the same cell) never see or leave a half-written file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def write_table(out_dir: Path, name: str, args) -> None:
@@ -305,10 +311,7 @@ def write_table(out_dir: Path, name: str, args) -> None:
     if args.models:  # the full table is filled by one process per model, side by side
         cmd += " --models vgg` and, in a second process, `--models resnet"  # table() wraps it in backticks
     title = "Pruning quality on Fashion-MNIST" + (" (--quick: short budget, not the committed table)" if args.quick else "")
-    out = RESULTS / f"{name}.md"
-    tmp = out.with_suffix(f".md.{os.getpid()}.tmp")  # several processes (one per model) may share the table
-    tmp.write_text(table(cells, title, cmd))
-    tmp.replace(out)
+    write_atomic(RESULTS / f"{name}.md", table(cells, title, cmd))
     if cells:
         plot(cells, RESULTS / f"{name}.png")
 

@@ -167,8 +167,9 @@ def bench_model(model, train, test, *, sizes, stab_n, criteria, quant, skip_timi
 # ----------------------------------------------------------------------------- report
 
 
-def _at(seconds: dict, n: int):
-    return {int(k): v for k, v in seconds.items()}.get(n)
+def _by_n(seconds: dict) -> dict[int, float]:
+    """Seconds per calibration size, with int keys (JSON round trips turn them into strings)."""
+    return {int(k): v for k, v in seconds.items()}
 
 
 def _fmt(v, nd=3):
@@ -189,9 +190,9 @@ def markdown(all_res: dict, meta: dict) -> str:
                   f"| time x for N x{sizes[-1] // sizes[0]} "
                   f"| Spearman 2 samples (N={meta['stab_n']}) | noise 0.1 | noise 0.3 | acc -25% | acc -50% |",
                   "|" + "---|" * (len(sizes) + 8)]
-        mi_t = _at(r["seconds"].get("mi", {}), at)
+        mi_t = _by_n(r["seconds"].get("mi", {})).get(at)
         for c in meta["criteria"]:
-            t = {int(k): v for k, v in r["seconds"].get(c, {}).items()}
+            t = _by_n(r["seconds"].get(c, {}))
             ratio = (mi_t / t[at]) if mi_t and t.get(at) else None
             growth = t[sizes[-1]] / t[sizes[0]] if t.get(sizes[-1]) and t.get(sizes[0]) else None
             noise = r["noise"].get(c, {})
@@ -246,7 +247,8 @@ def main() -> None:
                         skip_timing=skip_timing)
         r.update(source=source, base_acc=accuracy(model, test))
         all_res[arch] = r
-    meta = {"quick": quick, "load": [load0, os.getloadavg()[0]], "sizes": sizes, "stab_n": stab_n, "criteria": criteria, "threads": args.threads,
+    meta = {"quick": quick, "load": [load0, os.getloadavg()[0]], "sizes": sizes, "stab_n": stab_n,
+            "criteria": criteria, "threads": args.threads,
             "test_n": len(test), "quant": args.quantization, "wall_s": time.time() - t0,
             "command": "python benchmarks/scoring.py" + (" --quick" if quick else "")
             + (f" --quantization {args.quantization}" if args.quantization != "minmax" else "")

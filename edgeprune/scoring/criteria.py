@@ -106,9 +106,9 @@ def _replay(ctx: ScoringContext, cache: MapCache, desc: str):
         yield from ctx.maps(desc, cache.end)
 
 
-def _ranged_batches(ctx: ScoringContext, desc: str):
-    """Statistics passes (1 for min-max, 2 for percentile / quantile), then ``(start, maps, ranges)``
-    per batch, with ``ranges`` conv -> ChannelRange over the whole calibration set."""
+def _quantized_batches(ctx: ScoringContext, desc: str):
+    """Statistics passes (1 for min-max, 2 for percentile / quantile) over the calibration set, then
+    ``(start, {conv: (B, C, H, W) levels})`` per batch."""
     check_quantization(ctx.quantization)
     pct = tuple(ctx.params.get("percentiles", (1.0, 99.0)))
     trackers = {name: RangeTracker(ctx.quantization, ctx.levels, pct) for name in ctx.taps}
@@ -124,12 +124,6 @@ def _ranged_batches(ctx: ScoringContext, desc: str):
     ranges = {name: t.finish() for name, t in trackers.items()}
     ctx.info["map_cache"] = {"cached_images": cache.end, "mb": cache.used / 2**20}
     for start, maps in _replay(ctx, cache, desc):
-        yield start, maps, ranges
-
-
-def _quantized_batches(ctx: ScoringContext, desc: str):
-    """Yield ``(start, {conv: (B, C, H, W) levels})`` after the statistics passes."""
-    for start, maps, ranges in _ranged_batches(ctx, desc):
         yield start, {name: ranges[name].apply(x) for name, x in maps.items()}
 
 
