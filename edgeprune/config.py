@@ -153,6 +153,9 @@ class BenchConfig(Strict):
     max_time_s: float = Field(60.0, gt=0.0)
     batch_sizes: Optional[list[int]] = None
     include_preprocessing: bool = False
+    baseline: bool = Field(True, description="compile and time the unpruned model on every target and precision "
+                                             "(interleaved with the pruned one) to report the speed-up")
+    baseline_rounds: int = Field(10, ge=1, description="alternating baseline/pruned slots of the speed-up timing")
 
 
 class RemoteConfig(Strict):

@@ -260,6 +260,10 @@ def stage_compile_and_check(run: Run, inp: Inputs, model: torch.nn.Module, onnx_
                 artifact = compile_target(run, inp, onnx_path, target, precision)
                 artifacts.append(check_artifact(run, inp, model, artifact, target))
         run.report["artifacts"] = artifacts
+    if run.cfg.bench.baseline:  # the unpruned model, same targets and harness: the speed-up
+        from .baseline import add_baselines
+
+        add_baselines(run, inp, artifacts)
     run.mark("compile")
     return artifacts
 
