@@ -4,14 +4,10 @@ Each sample is a grayscale textured surface (``metal``: brushed, anisotropic noi
 woven periodic pattern; ``wood``: rings bent by low-frequency noise) with 0..``max_defects``
 defects of three classes:
 
-====== ===== =====================================================================
-id     class drawn as
-====== ===== =====================================================================
-0      -     background (no defect)
-1      scratch  a thin straight segment, 1-2 px wide, brighter or darker than the surface
-2      spot  a dark filled ellipse, radius 2-7 px
-3      crack a dark branching random-walk polyline, 1 px wide
-====== ===== =====================================================================
+- 0 background (no defect)
+- 1 scratch: a thin straight segment, 1-2 px wide, brighter or darker than the surface
+- 2 spot: a dark filled ellipse, radius 2-7 px
+- 3 crack: a dark branching random-walk polyline, 1 px wide
 
 Defects never touch each other (placement is retried until the new one is at least 2 px from
 every earlier one), so each defect is exactly one 8-connected component of its class in the
