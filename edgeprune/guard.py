@@ -33,7 +33,7 @@ def save_traceback(exc: BaseException) -> Path:
     run_dir = _where["run_dir"]
     if isinstance(run_dir, Path) and run_dir.is_dir():
         try:
-            path = run_dir / TRACEBACK_FILE
+            path = (run_dir / TRACEBACK_FILE).resolve()
             path.write_text(text)
             return path
         except OSError:

@@ -87,7 +87,8 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             from ..preflight import preflight
 
-            preflight(cfg, targets)  # files, names, classes, runtimes, remote hosts: what a run would hit first
+            # files, names, classes, runtimes, remote hosts, writable output: what a run would hit first
+            preflight(cfg, targets, run_dir=Path(out) if out else Path(cfg.output_dir) / cfg.name)
             typer.echo(plan_text(cfg, targets))
             return
         from ..pipeline import gate, run_pipeline
