@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import DataError
-from .safety import atomic_write, check_writable
+from .safety import atomic_path, atomic_write, check_writable
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -117,7 +117,7 @@ def file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def _make_tar(folder: Path, tar_path: Path) -> None:
-    with tarfile.open(tar_path, "w:gz") as tar:
+    with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
 
 

@@ -45,7 +45,7 @@ def _existing(p: Path) -> Path:
 def check_files(cfg: PipelineConfig) -> None:
     """Weights, data roots and the calibration folder exist (``--dry-run`` runs this too)."""
     if cfg.model.weights is not None and not _existing(cfg.model.weights).is_file():
-        raise ModelLoadError(f"model.weights: file not found: {cfg.model.weights}",
+        raise ModelLoadError(f"model.weights: weights file not found: {cfg.model.weights}",
                              hint="give a .safetensors or state-dict .pt file, or null for random weights")
     d = cfg.data
     if d.kind == DatasetKind.fashion_mnist:
