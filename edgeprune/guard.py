@@ -48,5 +48,5 @@ def crash_line(exc: BaseException) -> str:
     path = save_traceback(exc)
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     stage = _where["stage"] or "start-up"
-    return (f"unexpected {type(exc).__name__} during {stage}: {first or '(no message)'}\n"
-            f"  this is a bug in edgeprune or an input it does not check yet; full traceback in {path}")
+    return (f"unexpected {type(exc).__name__} during {stage}: {first or '(no message)'} "
+            f"(a bug, or an input edgeprune does not check yet; full traceback in {path})")

@@ -2,8 +2,8 @@
 
 A pruned-model folder, a bundle, a run folder or a pipeline YAML may come from someone else; the
 ``arch`` they name is imported and called to rebuild the model, so naming ``os:system`` there
-must not run anything. Allowed without asking: torchvision names and modules, and the bundled zoo
-(``edgeprune.zoo``). Anything else must be trusted by the user, here and now:
+must not run anything. Allowed without asking: torchvision model names, ``torchvision.models`` and the zoo
+bundled with edgeprune (``edgeprune.zoo``). Anything else must be trusted by the user, here and now:
 
 - ``edgeprune --trust-code MODULE[:FACTORY] ...`` or ``edgeprune run --trust-code ...``,
 - an ``--arch MODULE:FACTORY`` typed on the command line (the user named it),
@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from .errors import ModelLoadError
 
-ALWAYS_TRUSTED = ("edgeprune.zoo", "torchvision")
+ALWAYS_TRUSTED = ("edgeprune.zoo", "torchvision.models")  # not all of torchvision: torchvision.io writes files
 ENV_VAR = "EDGEPRUNE_TRUST_CODE"
 _session: set[str] = set()
 

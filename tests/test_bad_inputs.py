@@ -472,7 +472,8 @@ def test_target_macs_must_be_finite(tmp_path, capsys):
 
 
 def _last_traceback_path(err: str) -> Path:
-    return Path(err.rsplit("full traceback in ", 1)[1].split()[0])
+    assert len(err.strip().splitlines()) == 1, err  # one line, not a wall of frames
+    return Path(err.rsplit("full traceback in ", 1)[1].strip().removesuffix(")"))
 
 
 def test_unexpected_exception_becomes_one_line_and_a_traceback_file(capsys, monkeypatch):
