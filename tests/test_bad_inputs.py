@@ -434,6 +434,24 @@ def test_resume_with_a_changed_config_names_the_changed_keys(tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
+def test_resume_of_a_run_folder_naming_os_system_runs_nothing(tmp_path, capsys):
+    from edgeprune.commands.run import build_config
+    from edgeprune.config import resolve_targets
+    from edgeprune.preflight import config_fingerprint
+
+    mark = tmp_path / "PWNED"
+    cfg = build_config(None, ["data.max_train_images=64", "data.max_eval_images=64"], name="r")
+    started = config_fingerprint(cfg, resolve_targets(["cpu-onnxruntime"]))
+    partial = _partial(tmp_path, {"done": ["load", "score", "prune"], "config": started,
+                                  "report": {"run": {}, "accuracy": {"baseline": 0.9}}})
+    (partial / "scores.json").write_text(json.dumps({"criterion": "sae-mi", "seconds": 0, "labels_source": "labels",
+                                                     "scores": {}}))
+    pruned_folder(partial / "pruned", "os:system", {"command": f"touch {mark}"})
+    code, _, err = cli(capsys, "run", *RESUME_ARGS)
+    assert_clean_failure(code, err, exit_code=2, names=("refusing to import", "os:system"))
+    assert not mark.exists()
+
+
 def test_non_utf8_config(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_bytes("name: caf\u00e9\n".encode("latin-1"))
