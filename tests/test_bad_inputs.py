@@ -512,7 +512,7 @@ def test_unexpected_exception_becomes_one_line_and_a_traceback_file(capsys, monk
 
 
 def test_unexpected_exception_in_a_stage_saves_its_traceback_in_the_run_folder(tmp_path, capsys, monkeypatch):
-    import edgeprune.pipeline as pipeline
+    from edgeprune import pipeline
     from edgeprune.data import TensorData
     from edgeprune.zoo import fmnist_cnn
 
