@@ -6,17 +6,27 @@ key, a wrong type or an invalid value fails with the field, the value and what i
 from __future__ import annotations
 
 import enum
+import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError, UnknownNameError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGETS_DIR = REPO_ROOT / "targets"
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _single_component(v: str) -> str:
+    from .safety import safe_component
+
+    try:
+        return safe_component(v)
+    except ConfigError as exc:
+        raise ValueError(f"{exc.message}; {exc.hint}") from None
 
 
 class Precision(str, enum.Enum):
@@ -36,8 +46,21 @@ class DatasetKind(str, enum.Enum):
     image_folder = "image-folder"
 
 
+def _is_number_type(annotation: Any) -> bool:
+    args = typing.get_args(annotation) or (annotation,)
+    return any(a in (int, float) for a in args)
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+    # numbers must be finite (``inf`` is no MACs target) and never booleans (YAML reads yes/no as true/false)
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and _is_number_type(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"a number is needed, got {value!r} (YAML reads yes/no/on/off/true/false as booleans)")
+        return value
 
 
 class Preprocessing(Strict):
@@ -192,6 +215,11 @@ class TargetConfig(Strict):
                 raise ValueError(f"top-1 agreement floors are fractions in [0, 1], got {x}")
         return v
 
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str) -> str:
+        return _single_component(v)
+
     def agreement_floor(self, precision: Precision) -> float:
         v = self.min_top1_agreement
         return v if isinstance(v, float) else v.get(Precision(precision), 0.0)
@@ -205,7 +233,7 @@ class TargetConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    name: str = "default"
+    name: str = Field("default", description="run folder name under output_dir (one path component)")
     output_dir: Path = Path("runs")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -217,6 +245,11 @@ class PipelineConfig(Strict):
     targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime", "intel-cpu-openvino"])
     fail_on_gate: bool = True
     device: str = Field("auto", description="torch device for scoring and fine-tuning: auto | cpu | cuda")
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str) -> str:
+        return _single_component(v)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -259,7 +292,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                          hint="save the YAML file as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"malformed YAML in {path}: {exc}") from exc
     if data is None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, PruneError
+from .safety import atomic_write
 
 PRUNED_JSON = "pruned.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -572,7 +573,7 @@ def save_pruned(model: nn.Module, out_dir: Path, *, arch: str, model_kwargs: dic
     meta = {"format": PRUNED_FORMAT, "arch": arch, "model_kwargs": dict(model_kwargs), "num_classes": num_classes,
             "in_channels": in_channels, "input_shape": list(input_shape), "plan": channel_plan(model)}
     save_safetensors(model, out_dir / WEIGHTS_FILE, metadata={"edgeprune": "pruned", "arch": arch})
-    (out_dir / PRUNED_JSON).write_text(json.dumps(meta, indent=1))
+    atomic_write(out_dir / PRUNED_JSON, json.dumps(meta, indent=1))
     return out_dir
 
 

@@ -29,8 +29,18 @@ def run_inspect(model_ref: str, *, input_shape: str, num_classes: int, ignore: l
     from ..inspect_model import inspect_model
     from ..models import build_model
 
+    from ..errors import ModelLoadError
+    from ..trust import trust
+
     shape = parse_shape(input_shape)
+    trust(model_ref)  # named on the command line by the user
     model = build_model(ModelConfig(arch=model_ref, num_classes=num_classes), shape[0])
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{model_ref} does not accept an input of shape {shape}: {str(exc).splitlines()[0]}",
+                             hint="pass --input-shape C,H,W that the model accepts (e.g. 3,224,224)") from None
     report = inspect_model(model, torch.zeros(1, *shape), ignore=tuple(ignore), max_layer_ratio=max_layer_ratio)
     return report.table()
 
@@ -69,7 +79,12 @@ def run_prune(*, config: Optional[Path], overrides: dict, out: Path, ignore: lis
     from ..models import load_model
     from ..prune import prune_model, save_pruned
 
+    from ..safety import atomic_write, check_writable
+    from ..trust import trust
+
+    trust(overrides.get("model.arch"))  # named on the command line by the user
     cfg = load_pipeline_config(config, overrides)
+    check_writable(out, "output folder")
     in_ch = cfg.model.in_channels or cfg.data.preprocessing.channels
     model = load_model(cfg.model, in_ch)
     shape = cfg.data.preprocessing.shape
@@ -82,8 +97,8 @@ def run_prune(*, config: Optional[Path], overrides: dict, out: Path, ignore: lis
                          ignore=[*p.ignore, *ignore], tolerance=p.tolerance, scores=scores, progress=progress)
     save_pruned(result.model, out, arch=cfg.model.arch, model_kwargs=cfg.model.kwargs,
                 num_classes=cfg.model.num_classes, in_channels=in_ch, input_shape=shape)
-    (out / "prune_table.txt").write_text(result.table() + "\n")
-    (out / "prune_report.json").write_text(json.dumps(result.to_dict(), indent=1))
+    atomic_write(out / "prune_table.txt", result.table() + "\n")
+    atomic_write(out / "prune_report.json", json.dumps(result.to_dict(), indent=1))
     typer.echo(result.table())
     typer.echo(f"wrote {out}")
     return out

@@ -32,7 +32,12 @@ def run_score(*, config: Optional[Path], weights: Optional[Path], arch: Optional
     from ..models import load_model
     from ..scoring import score_model
 
+    from ..safety import check_writable
+    from ..trust import trust
+
+    trust(arch)  # named on the command line by the user
     cfg = load_pipeline_config(config, _overrides(weights, arch, criterion, num_images, use_predicted_labels))
+    check_writable(out, "output folder")
     filt, imgs = _parse_ints(filters, "--filters"), _parse_ints(images, "--images")
     model = load_model(cfg.model, cfg.model.in_channels or cfg.data.preprocessing.channels)
     calib = load_calibration(cfg.data, cfg.score.num_images).data

@@ -50,11 +50,15 @@ class ChannelScores:
                 "params": self.params, "scores": {k: v.tolist() for k, v in self.scores.items()}}
 
     def to_json(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1, default=str))
+        from ..safety import atomic_write
+
+        atomic_write(Path(path), json.dumps(self.to_dict(), indent=1, default=str))
 
     def to_csv(self, path) -> None:
         """One row per channel: layer, channel, score, rank within the layer (0 = lowest)."""
-        with open(path, "w", newline="") as f:
+        from ..safety import atomic_path
+
+        with atomic_path(Path(path)) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["layer", "channel", "score", "rank_in_layer"])
             for layer, s in self.scores.items():
