@@ -265,3 +265,16 @@ def test_chunked_auras_equal_unchunked():
     for counters in (64, 64 * 3, 64 * 7 * 2):  # per channel, several channels, several images
         assert torch.equal(aura_matrix(q, levels=8, max_counters=counters), whole), counters
         assert torch.equal(per_image_sae(q, levels=8, max_counters=counters), sae(whole)), counters
+
+
+@pytest.mark.parametrize("num_edges", [3, 7, 31])
+def test_quantize_by_comparisons_equals_search(num_edges):
+    from edgeprune.scoring import quantize
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 5, 5, generator=g)
+    edges = torch.sort(torch.randn(4, num_edges, generator=g), dim=1).values
+    edges[1, -2:] = float("inf")  # a channel with empty top levels (zero-level quantization of a dead channel)
+    flat = x.transpose(0, 1).reshape(4, -1).contiguous()
+    ref = torch.searchsorted(edges.contiguous(), flat, right=True).reshape(4, 3, 5, 5).transpose(0, 1)
+    assert torch.equal(quantize(x, edges).long(), ref)

@@ -178,8 +178,8 @@ def compute_sae(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     for _, qs in _quantized_batches(ctx, "sae"):
         for name, q in qs.items():
             if _no_neighbours(ctx, name, q, "the entropy of the levels over the calibration set"):
-                ones = torch.zeros(q.shape[0], dtype=torch.long)
-                s = class_level_histograms(q, ones, num_classes=1, levels=ctx.levels)[0]  # (C, G, 1) counts
+                one_class = torch.zeros(q.shape[0], dtype=torch.long)
+                s = class_level_histograms(q, one_class, num_classes=1, levels=ctx.levels)[0]  # (C, G, 1) counts
             else:
                 s = per_image_sae(q, levels=ctx.levels, radius=ctx.radius).sum(dim=0)  # (C,)
             acc[name] = s if name not in acc else acc[name] + s
