@@ -221,7 +221,14 @@ def test_hybrids(tiny_model, tiny_data):
         expected = (rank_scores(s) + rank_scores(l1)) / 2
         assert torch.allclose(rank_avg.scores[name], expected), name
         assert bool((prod.scores[name] >= 0).all()) and prod.scores[name].shape == s.shape
-    assert {"sae-mi+l1", "sae-mi-x-act", "mi", "mi-full"} <= set(CRITERIA.names())
+    usage = score_model(tiny_model, tiny_data, criterion="sae-mi-x-usage", progress=False).scores
+    # head.0 is read by the classifier only (through pooling): its downstream weight is fc's column L1
+    fc_l1 = tiny_model.fc.weight.detach().abs().sum(0)
+    assert torch.allclose(usage["head.0"], prod.scores["head.0"] * fc_l1, rtol=1e-4)
+    # res1.0 is read by res1.3 only
+    res13 = tiny_model.res1[3].weight.detach().abs().transpose(0, 1).flatten(1).sum(1)
+    assert torch.allclose(usage["res1.0"], prod.scores["res1.0"] * res13, rtol=1e-4)
+    assert {"sae-mi+l1", "sae-mi-x-act", "sae-mi-x-usage", "mi", "mi-full"} <= set(CRITERIA.names())
     make_importance("sae-mi+l1", rank_avg, normalize="rank")
 
 
