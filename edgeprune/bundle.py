@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import DataError
+from .safety import atomic_path, atomic_write, check_writable
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -42,13 +43,14 @@ def make_bundle(run_dir: Path, out: Optional[Path] = None) -> tuple[Path, Path]:
     report = _read_report(run_dir)
     out = Path(out) if out else run_dir.parent / f"{run_dir.name}-bundle"
     tar_path = out.with_name(out.name + ".tar.gz")
+    check_writable(out, "bundle output")
     for p in (out, tar_path):
         if p.exists():
             raise DataError(f"bundle output {p} already exists", hint="remove it or pass another --out")
     out.mkdir(parents=True)
     try:
         _copy_run_files(run_dir, out)
-        (out / MANIFEST).write_text(json.dumps(build_manifest(out, report), indent=1, default=str))
+        atomic_write(out / MANIFEST, json.dumps(build_manifest(out, report), indent=1, default=str))
         _make_tar(out, tar_path)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
@@ -62,7 +64,9 @@ def _read_report(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{run_dir} is not a finished run directory: report.json is missing",
                         hint="run `edgeprune run` first, or pass the run folder (not a .partial one)")
-    return json.loads(path.read_text())
+    from .safety import read_json
+
+    return read_json(path, "run report")
 
 
 def _copy_run_files(run_dir: Path, out: Path) -> None:
@@ -113,7 +117,7 @@ def file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def _make_tar(folder: Path, tar_path: Path) -> None:
-    with tarfile.open(tar_path, "w:gz") as tar:
+    with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
 
 

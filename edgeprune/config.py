@@ -6,17 +6,27 @@ key, a wrong type or an invalid value fails with the field, the value and what i
 from __future__ import annotations
 
 import enum
+import typing
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError, UnknownNameError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGETS_DIR = REPO_ROOT / "targets"
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _single_component(v: str) -> str:
+    from .safety import safe_component
+
+    try:
+        return safe_component(v)
+    except ConfigError as exc:
+        raise ValueError(f"{exc.message}; {exc.hint}") from None
 
 
 class Precision(str, enum.Enum):
@@ -36,8 +46,21 @@ class DatasetKind(str, enum.Enum):
     image_folder = "image-folder"
 
 
+def _is_number_type(annotation: Any) -> bool:
+    args = typing.get_args(annotation) or (annotation,)
+    return any(a in (int, float) for a in args)
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+    # numbers must be finite (``inf`` is no MACs target) and never booleans (YAML reads yes/no as true/false)
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and _is_number_type(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"a number is needed, got {value!r} (YAML reads yes/no/on/off/true/false as booleans)")
+        return value
 
 
 class Preprocessing(Strict):
@@ -94,10 +117,15 @@ class ScoreConfig(Strict):
     num_images: int = Field(512, ge=8)
     levels: int = Field(8, ge=2, le=256, description="gray levels G")
     radius: int = Field(1, ge=1, le=8, description="Chebyshev neighbourhood radius r")
-    quantization: str = Field("minmax", description="minmax | percentile | quantile")
+    quantization: Literal["minmax", "percentile", "quantile", "zero-quantile", "zero-log", "zero-percentile"] = Field(
+        "minmax", description="gray-level bins; zero-*: a level for values <= 0 and G-1 over the positives")
     use_predicted_labels: bool = Field(False, description="label by the unpruned model's prediction")
     cache_mb: float = Field(256.0, ge=0, description="MiB of maps kept between the range and scoring passes "
                             "(saves a forward pass; 0 = stream only)")
+    selection: Literal["rank", "greedy"] = Field(
+        "rank", description="SAE criteria: rank by relevance, or greedy relevance - lambda x redundancy per layer")
+    redundancy_lambda: float = Field(0.5, ge=0.0, description="weight of the redundancy in greedy selection")
+    redundancy: Literal["max", "mean"] = Field("max", description="redundancy with the picked channels: max | mean")
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -108,9 +136,13 @@ class PruneConfig(Strict):
     max_layer_ratio: float = Field(0.8, gt=0.0, lt=1.0)
     round_to: Optional[int] = Field(None, ge=1, description="channel multiple; default from the target")
     global_ranking: bool = False
-    normalize: str = Field("mean", description="per-layer score normalization: mean | max | sum | none")
+    normalize: Literal["mean", "max", "sum", "none", "rank", "zscore"] = Field(
+        "mean", description="per-layer score normalization before members of a coupled group are averaged")
+    global_normalize: Literal["rank", "zscore", "mean"] = Field(
+        "rank", description="how group scores of different layers meet in a global ranking")
     iterative_steps: int = Field(1, ge=1)
-    rescore_between_steps: bool = False
+    rescore_between_steps: bool = Field(False, description="with iterative_steps > 1: re-score the slimmed model "
+                                        "before each step (activation criteria)")
     ignore: list[str] = Field(default_factory=list, description="module names to leave alone")
     tolerance: float = Field(0.02, gt=0.0, lt=0.5)
 
@@ -195,6 +227,11 @@ class TargetConfig(Strict):
                 raise ValueError(f"top-1 agreement floors are fractions in [0, 1], got {x}")
         return v
 
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str) -> str:
+        return _single_component(v)
+
     def agreement_floor(self, precision: Precision) -> float:
         v = self.min_top1_agreement
         return v if isinstance(v, float) else v.get(Precision(precision), 0.0)
@@ -208,7 +245,7 @@ class TargetConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    name: str = "default"
+    name: str = Field("default", description="run folder name under output_dir (one path component)")
     output_dir: Path = Path("runs")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -220,6 +257,11 @@ class PipelineConfig(Strict):
     targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime", "intel-cpu-openvino"])
     fail_on_gate: bool = True
     device: str = Field("auto", description="torch device for scoring and fine-tuning: auto | cpu | cuda")
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str) -> str:
+        return _single_component(v)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -262,7 +304,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                          hint="save the YAML file as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"malformed YAML in {path}: {exc}") from exc
     if data is None:

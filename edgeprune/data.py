@@ -6,10 +6,12 @@ and every compiled artifact see exactly the same numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -148,17 +150,46 @@ def scan_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
                 items.append((p, ci))
     if not items:
         raise DataError(f"{root} has class folders but no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+    empty = sorted(set(classes) - {classes[ci] for _, ci in items})
+    if empty:  # an empty folder still takes a label index and shifts every class after it
+        raise DataError(f"{root}: class folder(s) without images: {', '.join(empty)}",
+                        hint="remove the empty class folders or add images to them")
     return items, classes
 
 
-def load_image(path: Path, pre: Preprocessing) -> torch.Tensor:
+def class_folders(root: Path) -> list[str]:
+    """The class names of an image folder (its sorted sub-folders), without reading any image."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}", hint="expected root/<class>/<image files>")
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _bad_image_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a corrupt, unreadable or decompression-bomb image."""
     from PIL import Image, UnidentifiedImageError
 
-    try:
+    return (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning)
+
+
+@contextlib.contextmanager
+def _open_image(path: Path):
+    """PIL's Image.open with its decompression-bomb warning raised as an error (a bad image)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
+            yield img
+
+
+def load_image(path: Path, pre: Preprocessing) -> torch.Tensor:
+    try:
+        with _open_image(path) as img:
             img.load()
             return pil_to_tensor(img, pre)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except _bad_image_errors() as exc:
         raise DataError(
             f"corrupt or unreadable image {path}: {exc}",
             hint=f"remove or replace the file; readable formats: {', '.join(IMAGE_EXTENSIONS)}",
@@ -176,13 +207,11 @@ class ImageFolderDataset(Dataset):
             self.verify()
 
     def verify(self) -> None:
-        from PIL import Image, UnidentifiedImageError
-
         for path, _ in self.items:
             try:
-                with Image.open(path) as img:
+                with _open_image(path) as img:
                     img.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            except _bad_image_errors() as exc:
                 raise DataError(f"corrupt or unreadable image {path}: {exc}",
                                 hint="remove or replace the file") from exc
 
@@ -224,20 +253,26 @@ def load_split(cfg: DataConfig, split: str) -> TensorData:
     if cfg.kind == DatasetKind.fashion_mnist:
         data = load_fashion_mnist(_resolve(cfg.root), split, pre, limit)
     else:
-        if cfg.root is None:
-            raise DataError("data.root must point at an image folder when data.kind is image-folder")
-        root = _resolve(cfg.root)
-        if split == "train":
-            sub = root / "train" if (root / "train").is_dir() else root
-        else:
-            sub = _resolve(cfg.eval_root) if cfg.eval_root else next(
-                (root / s for s in ("val", "test", "eval") if (root / s).is_dir()), None)
-            if sub is None:
-                raise DataError(f"no eval split under {root}: expected val/, test/ or eval/, or set data.eval_root")
-        data = load_image_folder(sub, pre, limit)
+        data = load_image_folder(split_folder(cfg, split), pre, limit)
     if cfg.class_names:
         data.classes = list(cfg.class_names)
     return data
+
+
+def split_folder(cfg: DataConfig, split: str) -> Path:
+    """The image folder of ``split`` (train | eval) when data.kind is image-folder."""
+    if cfg.root is None:
+        raise DataError("data.root must point at an image folder when data.kind is image-folder")
+    root = _resolve(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data.root {root} is not a folder", hint="expected root/<class>/<image files>")
+    if split == "train":
+        return root / "train" if (root / "train").is_dir() else root
+    sub = _resolve(cfg.eval_root) if cfg.eval_root else next(
+        (root / s for s in ("val", "test", "eval") if (root / s).is_dir()), None)
+    if sub is None:
+        raise DataError(f"no eval split under {root}: expected val/, test/ or eval/, or set data.eval_root")
+    return sub
 
 
 def train_val_split(data: TensorData, val_fraction: float, seed: int = 0) -> tuple[TensorData, TensorData]:

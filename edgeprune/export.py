@@ -109,3 +109,53 @@ def onnx_parity(path: Path, model: nn.Module, images: torch.Tensor, *, max_rel_d
             f"({parity.rel_max_abs_diff:.3g} of the output scale, allowed {max_rel_diff:g}), "
             f"top-1 agreement {parity.top1_agreement:.4f} (required {min_top1_agreement})")
     return parity
+
+
+# ----------------------------------------------------------------------------- checks of a given ONNX
+
+
+def check_onnx_file(path: Path):
+    """The parsed ONNX model at ``path``; ExportError when it is missing, empty, truncated or not ONNX."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"ONNX file not found: {p}")
+    size = p.stat().st_size
+    if size == 0:
+        raise ExportError(f"{p} is empty (0 bytes), not an ONNX model", hint="export it again (`edgeprune export`)")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - protobuf and the checker raise many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ExportError(f"{p} ({size} bytes) is not a valid ONNX model (truncated or another format?): {first}",
+                          hint="export it again (`edgeprune export`)") from None
+    if not model.graph.node:
+        raise ExportError(f"{p} holds an ONNX model without any operator")
+    return model
+
+
+def check_onnx_input(model, path: Path, *, shape: Optional[tuple[int, int, int]], batch_size: int,
+                     dynamic_batch: bool, source: str = "the preprocessing") -> None:
+    """The ONNX image input is (N, C, H, W) with C, H, W = ``shape`` (from ``source``; not checked when
+    None), and its batch
+    dimension fits the target: symbolic for a dynamic-batch target, else symbolic or ``batch_size``."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ExportError(f"{path} has {len(inputs)} inputs ({[i.name for i in inputs]}); edgeprune expects one "
+                          "image input (N, C, H, W)")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    shown = "x".join("N" if d is None else str(d) for d in dims)
+    if len(dims) != 4:
+        raise ExportError(f"{path}: input {inputs[0].name!r} is {shown}, not a 4-D image batch (N, C, H, W)")
+    if shape is not None and any(d is not None and d != want for d, want in zip(dims[1:], shape)):
+        raise ExportError(f"{path}: input {inputs[0].name!r} is {shown}, but {source} gives "
+                          f"{'x'.join(map(str, shape))} (C, H, W)",
+                          hint="pass --config with data.preprocessing (channels, height, width) matching the model")
+    batch = dims[0]
+    if batch is not None and (dynamic_batch or batch != batch_size):
+        want = "a dynamic batch" if dynamic_batch else f"batch {batch_size}"
+        raise ExportError(f"{path} has a static batch of {batch}, but the target needs {want}",
+                          hint="export with --dynamic-batch, or with the target's batch size")

@@ -29,6 +29,9 @@ def torchvision_names() -> list[str]:
 
 def resolve_factory(arch: str):
     if ":" in arch:
+        from .trust import check_factory, check_trusted
+
+        check_trusted(arch)  # before any import: a model folder or YAML may name os:system
         mod_name, _, attr = arch.partition(":")
         try:
             mod = importlib.import_module(mod_name)
@@ -37,7 +40,7 @@ def resolve_factory(arch: str):
         if not hasattr(mod, attr):
             public = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
             raise UnknownNameError(f"{mod_name} has no factory {attr!r}; callables there: {', '.join(public)}")
-        return getattr(mod, attr)
+        return check_factory(getattr(mod, attr), arch)
     from torchvision import models as tvm
 
     names = torchvision_names()
@@ -151,5 +154,8 @@ def load_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
 def save_safetensors(model: nn.Module, path: Path, metadata: Optional[dict[str, str]] = None) -> None:
     from safetensors.torch import save_file
 
+    from .safety import atomic_path
+
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)

@@ -24,8 +24,11 @@ import torch
 from . import __version__
 from .config import PipelineConfig, TargetConfig, dump_yaml
 from .data import CalibrationSet, TensorData, load_calibration, load_split, train_val_split
-from .errors import EdgePruneError, GateError
+from .errors import ConfigError, EdgePruneError, GateError
+from .guard import at_stage
 from .models import load_model, save_safetensors
+from .preflight import changed_keys, config_fingerprint, preflight
+from .safety import atomic_write, read_json
 
 log = logging.getLogger("edgeprune")
 STAGES = ("score", "prune", "finetune", "export", "compile", "report")
@@ -98,11 +101,25 @@ class Run:
         if self.dir.exists() and not resume:
             raise EdgePruneError(f"an unfinished run is in {self.dir}",
                                  hint="pass --resume to continue it, or remove the folder to start over")
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.state_path = self.dir / "state.json"
-        self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.state: dict[str, Any] = self._resumed_state() if self.dir.exists() else {}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state.setdefault("config", config_fingerprint(cfg, targets))
         self.report: dict[str, Any] = self.state.get("report", {})
         self.started = time.time()
+
+    def _resumed_state(self) -> dict[str, Any]:
+        """The state of the unfinished run; refused when damaged or when the config changed since."""
+        if not self.state_path.exists():
+            return {}
+        state = read_json(self.state_path, "run state")
+        old, new = state.get("config"), config_fingerprint(self.cfg, self.targets)
+        if isinstance(old, dict) and old.get("sha256") != new["sha256"]:
+            keys = changed_keys(old, new)
+            raise ConfigError(f"--resume: the config differs from the one {self.dir} was started with; changed: "
+                              f"{', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}",
+                              hint="resume with the same config and targets, or remove the folder to start over")
+        return state
 
     def done(self, stage: str) -> bool:
         return stage in self.state.get("done", [])
@@ -110,9 +127,7 @@ class Run:
     def mark(self, stage: str) -> None:
         self.state.setdefault("done", []).append(stage)
         self.state["report"] = self.report
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1, default=str))
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, json.dumps(self.state, indent=1, default=str))
 
     def finish(self) -> Path:
         self.state_path.unlink(missing_ok=True)
@@ -137,6 +152,7 @@ def stage_score(run: Run, inp: Inputs, device: str):
     scores = score_model(inp.teacher, calib, criterion=sc.criterion, num_classes=run.cfg.model.num_classes,
                          device=device, levels=sc.levels, radius=sc.radius, quantization=sc.quantization,
                          use_predicted_labels=sc.use_predicted_labels, cache_mb=sc.cache_mb, progress=run.progress,
+                         selection=sc.selection, redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy,
                          **sc.params)
     scores.to_json(path)
     scores.to_csv(run.dir / "scores.csv")
@@ -166,13 +182,26 @@ def stage_prune(run: Run, inp: Inputs, scores, device: str) -> torch.nn.Module:
                          round_to=round_to_for(run.targets, pc.round_to), max_layer_ratio=pc.max_layer_ratio,
                          global_ranking=pc.global_ranking, iterative_steps=pc.iterative_steps, ignore=pc.ignore,
                          tolerance=pc.tolerance, scores=scores.scores, before_step=before_step,
-                         progress=run.progress)
+                         rescore=_rescorer(run, inp, device) if pc.rescore_between_steps else None,
+                         global_normalize=pc.global_normalize, progress=run.progress)
     record_pruned(run, inp, result.model, device, macs=(result.macs_before, result.macs_after),
                   params=(result.params_before, result.params_after))
-    (out_dir / "layers.txt").write_text(result.table() + "\n")
+    atomic_write(out_dir / "layers.txt", result.table() + "\n")
     run.report["prune"] = result.to_dict()
     run.mark("prune")
     return result.model
+
+
+def _rescorer(run: Run, inp: Inputs, device: str):
+    """prune.rescore_between_steps: score each slimmed model on the same calibration images as stage_score."""
+    from .scoring import make_rescorer
+
+    sc = run.cfg.score
+    calib = inp.calibration.data.subset(range(min(sc.num_images, len(inp.calibration.data))))
+    return make_rescorer(sc.criterion, calib, normalize=run.cfg.prune.normalize, num_classes=run.cfg.model.num_classes,
+                         device=device, levels=sc.levels, radius=sc.radius, quantization=sc.quantization,
+                         use_predicted_labels=sc.use_predicted_labels, cache_mb=sc.cache_mb, selection=sc.selection,
+                         redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy, **sc.params)
 
 
 def record_pruned(run: Run, inp: Inputs, model: torch.nn.Module, device: str, *, macs: tuple[int, int],
@@ -283,12 +312,16 @@ def run_pipeline(cfg: PipelineConfig, targets: list[TargetConfig], *, resume: bo
                  out: Optional[Path] = None, progress: bool = True, command: str = "") -> RunResult:
     """The whole pipeline; returns the finished run. Artifacts over budget are marked failed in the
     report (see :func:`gate`)."""
+    at_stage("preflight")
+    preflight(cfg, targets, run_dir=Path(out) if out else Path(cfg.output_dir) / cfg.name)
+    at_stage("load")
     inp = load_inputs(cfg)  # all validation before anything is written
     run = Run(cfg, targets, resume=resume, out=out, progress=progress)
     device = torch_device(cfg.device)
     try:
         if not run.report:
-            (run.dir / "config.yaml").write_text(dump_yaml(cfg))
+            at_stage("load", run.dir)
+            atomic_write(run.dir / "config.yaml", dump_yaml(cfg))
             run.report.update(
                 run={"name": cfg.name, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "command": command, "edgeprune": __version__, "device": device,
@@ -300,19 +333,25 @@ def run_pipeline(cfg: PipelineConfig, targets: list[TargetConfig], *, resume: bo
                 preprocessing=cfg.data.preprocessing.model_dump(mode="json"),
                 warnings=[])
             run.mark("load")
+        at_stage("score", run.dir)
         scores = stage_score(run, inp, device)
         budgeted = [t for t in targets if t.latency_budget_ms]
+        at_stage("prune", run.dir)
         if budgeted:  # latency-driven: slim until the compiled model meets the first budgeted target
             from .latency.stage import stage_latency_prune
 
             student = stage_latency_prune(run, inp, scores, device, budgeted[0])
         else:
             student = stage_prune(run, inp, scores, device)
+        at_stage("finetune", run.dir)
         model = stage_finetune(run, inp, student, device)
         run.report["accuracy"]["drop_pt"] = round(100 * (run.report["accuracy"]["baseline"]
                                                          - run.report["accuracy"]["pruned"]), 3)
+        at_stage("export", run.dir)
         onnx_path = stage_export(run, inp, model)
+        at_stage("compile", run.dir)
         artifacts = stage_compile_and_check(run, inp, model, onnx_path)
+        at_stage("report", run.dir)
         stage_report(run)
     except EdgePruneError:
         run.abandon()

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 
 from ..config import Precision, TargetConfig
-from ..errors import BackendUnavailableError, CompileError
+from ..errors import BackendUnavailableError, CompileError, DataError
 
 ARTIFACT_JSON = "artifact.json"
 
@@ -47,20 +47,49 @@ class CompiledArtifact:
                    path=Path(d["path"]), files=[Path(p) for p in d.get("files", [])], meta=dict(d.get("meta", {})))
 
     def save(self, path: Optional[Path] = None) -> Path:
-        """Write ``artifact.json`` next to the main file (or to ``path``)."""
-        out = Path(path) if path else self.path.parent / ARTIFACT_JSON
-        out.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        """Write ``artifact.json`` next to the main file (or to ``path``), atomically; file paths in it
+        are relative to its folder, so the folder can be moved and benchmarked from anywhere."""
+        from ..safety import atomic_write
+
+        out = Path(path) if path else Path(self.path).parent / ARTIFACT_JSON
+        d = self.to_dict()
+        d["path"] = _relative_to(self.path, out.parent)
+        d["files"] = [_relative_to(p, out.parent) for p in self.files]
+        atomic_write(out, json.dumps(d, indent=2, default=str))
         return out
 
     @classmethod
     def load(cls, path: Path) -> "CompiledArtifact":
+        """Read ``artifact.json``; DataError when it is damaged. Paths are taken relative to its folder
+        (older files with absolute or working-directory-relative paths still load)."""
+        from ..safety import read_json
+
         p = Path(path)
         p = p / ARTIFACT_JSON if p.is_dir() else p
-        return cls.from_dict(json.loads(p.read_text()))
+        d = read_json(p, "artifact file", keys=("target", "backend", "precision", "device", "path"))
+        if not isinstance(d.get("files", []), list):
+            raise DataError(f"artifact file {p}: 'files' must be a list of paths")
+        d = {**d, "path": _resolve_from(d["path"], p.parent),
+             "files": [_resolve_from(f, p.parent) for f in d.get("files", [])]}
+        return cls.from_dict(d)
 
     @property
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files if p.exists())
+
+
+def _relative_to(path: Path | str, folder: Path) -> str:
+    """``path`` relative to ``folder`` when inside it, else absolute."""
+    p, f = Path(path).resolve(), Path(folder).resolve()
+    return p.relative_to(f).as_posix() if p.is_relative_to(f) else str(p)
+
+
+def _resolve_from(value: str, folder: Path) -> str:
+    p = Path(str(value))
+    if p.is_absolute():
+        return str(p)
+    here = folder / p
+    return str(here) if here.exists() or not p.exists() else str(p)  # old files: relative to the cwd
 
 
 class Runner(Protocol):

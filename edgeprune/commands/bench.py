@@ -15,7 +15,7 @@ def bench(
     artifact: Path = typer.Argument(..., help="artifact folder (with artifact.json) or its artifact.json"),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="target name or YAML (default: the artifact's)"),
     batch_size: list[int] = typer.Option([], "--batch-size", "-b", help="batch size; repeatable (default: target's)"),
-    threads: Optional[int] = typer.Option(None, help="runtime threads (default: target's)"),
+    threads: Optional[int] = typer.Option(None, min=1, help="runtime threads (default: target's)"),
     scope: str = typer.Option("inference", help="what is timed: inference | end-to-end (uint8 image -> class)"),
     warmup_runs: int = typer.Option(20), warmup_s: float = typer.Option(0.5),
     min_runs: int = typer.Option(100), min_time_s: float = typer.Option(2.0), max_time_s: float = typer.Option(60.0),
@@ -28,15 +28,18 @@ def bench(
     """Time a compiled artifact: warm-up, then p50/p90/p95/p99/min/max/mean and throughput.
     With --against B: time both interleaved (A B, B A, ...) and print p50/p90 of each and the ratio."""
     from ..bench import SCOPES, bench_artifact
-    from ..config import BenchConfig
+    from ..config import BenchConfig, parse
+    from ..safety import atomic_write, check_writable
 
     if scope not in SCOPES:
         raise ConfigError(f"--scope {scope!r} is not valid; valid: {', '.join(SCOPES)}")
+    cfg = parse(BenchConfig, {"warmup_runs": warmup_runs, "warmup_s": warmup_s, "min_runs": min_runs,
+                              "min_time_s": min_time_s, "max_time_s": max_time_s, "batch_sizes": batch_size or None,
+                              "include_preprocessing": scope == "end-to-end"}, "the bench options")
+    if json_out:
+        check_writable(json_out, "--json", folder=False)
     art = _load_artifact(artifact)
     tgt = _target_for(art, target, threads)
-    cfg = BenchConfig(warmup_runs=warmup_runs, warmup_s=warmup_s, min_runs=min_runs, min_time_s=min_time_s,
-                      max_time_s=max_time_s, batch_sizes=batch_size or None,
-                      include_preprocessing=scope == "end-to-end")
     if against is not None:
         _bench_against(art, _load_artifact(against), tgt, cfg, rounds=rounds, json_out=json_out)
         return
@@ -44,7 +47,7 @@ def bench(
     typer.echo(bench_table(art, result))
     if json_out:
         payload = {"artifact": art.to_dict(), "target": tgt.name, **result}
-        json_out.write_text(json.dumps(payload, indent=1, default=str))
+        atomic_write(json_out, json.dumps(payload, indent=1, default=str))
         typer.echo(f"wrote {json_out}")
 
 
@@ -101,7 +104,15 @@ def _load_artifact(path: Path):
     if not meta.is_file():
         raise DataError(f"no {ARTIFACT_JSON} at {path}",
                         hint="pass an artifact folder from a run: runs/<name>/artifacts/<target>/<precision>")
-    return CompiledArtifact.load(meta)
+    art = CompiledArtifact.load(meta)
+    for f in {Path(art.path), *map(Path, art.files)}:
+        if not f.is_file():
+            raise DataError(f"artifact {meta.parent}: file {f} named in {ARTIFACT_JSON} is missing")
+    if Path(art.path).suffix == ".onnx":
+        from ..export import check_onnx_file
+
+        check_onnx_file(art.path)
+    return art
 
 
 def _target_for(artifact, target: Optional[str], threads: Optional[int]):
@@ -120,7 +131,9 @@ def _bench_against(art, other, tgt, cfg, *, rounds: int, json_out: Optional[Path
     typer.echo(against_table(art, other, result))
     if json_out:
         payload = {"A": art.to_dict(), "B": other.to_dict(), "target": tgt.name, **result}
-        json_out.write_text(json.dumps(payload, indent=1, default=str))
+        from ..safety import atomic_write
+
+        atomic_write(json_out, json.dumps(payload, indent=1, default=str))
         typer.echo(f"wrote {json_out}")
 
 

@@ -1,6 +1,7 @@
 """``edgeprune compile ONNX --target T [--precision P] --out DIR``: one artifact per precision."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -20,29 +21,63 @@ def compile_cmd(
     calibration: Optional[Path] = typer.Option(None, help="INT8 calibration: image folder or .npy (N,C,H,W) normalized"),
     calibration_count: Optional[int] = typer.Option(None, min=1, help="use the first N calibration images"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline YAML (preprocessing, calibration)"),
+    force: bool = typer.Option(False, "--force", help="replace existing artifacts in OUT/<precision>"),
 ) -> None:
     """Compile an ONNX model for one target at each requested precision."""
     from ..backends import get_backend
+    from ..export import check_onnx_file, check_onnx_input
 
     tgt = load_target(target)
     precisions = precision or list(tgt.precisions)
     backend = get_backend(tgt.backend.value)
+    data_cfg = load_pipeline_config(config).data
+    # without --config the ONNX's own C, H, W are taken as they are; the batch must fit the target in any case
+    check_onnx_input(check_onnx_file(onnx), onnx, shape=data_cfg.preprocessing.shape if config else None,
+                     batch_size=tgt.batch_size, dynamic_batch=tgt.dynamic_batch,
+                     source=f"data.preprocessing of {config}")
+    _check_out(out, precisions, force)
     calib, summary = None, None
     if Precision.int8 in precisions:
         from ..calibration_reader import load_calibration_array
 
-        data_cfg = load_pipeline_config(config).data
         calib, summary = load_calibration_array(calibration, data=data_cfg, count=calibration_count)
         typer.echo(f"calibration: {summary['count']} images from {summary['path']}")
     table = Table("target", "backend", "precision", "device", "artifact", "size (KiB)")
     for p in precisions:
-        art = backend.compile(onnx, out / p.value, target=tgt, precision=p,
-                              calibration=calib if p == Precision.int8 else None)
+        art = _compile_one(backend, onnx, out, tgt, p, calib if p == Precision.int8 else None, force)
         if p == Precision.int8 and summary:
             art.meta["calibration"]["source"] = summary  # where the images came from (path, files hash)
             art.save()
         table.add_row(art.target, art.backend, art.precision, art.device, str(art.path), f"{art.size_bytes / 1024:.0f}")
     Console(width=160).print(table)
+
+
+def _check_out(out: Path, precisions: list[Precision], force: bool) -> None:
+    """OUT must be writable; an OUT/<precision> with files in it is refused unless --force."""
+    from ..errors import ConfigError
+    from ..safety import check_writable
+
+    check_writable(out, "--out")
+    taken = [out / p.value for p in precisions if (out / p.value).exists()
+             and (not (out / p.value).is_dir() or any((out / p.value).iterdir()))]
+    if taken and not force:
+        raise ConfigError(f"{', '.join(map(str, taken))} already exist(s) and is not empty: compiling there would mix "
+                          "artifacts of two models", hint="pass --force to replace them, or another --out")
+
+
+def _compile_one(backend, onnx: Path, out: Path, tgt, precision: Precision, calib, force: bool):
+    """One artifact into OUT/<precision>, built in a fresh folder; a failed build leaves no folder behind."""
+    folder = out / precision.value
+    created_out = not out.exists()
+    if force and folder.exists():
+        shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+    try:
+        return backend.compile(onnx, folder, target=tgt, precision=precision, calibration=calib)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        if created_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def register(app: typer.Typer) -> None:

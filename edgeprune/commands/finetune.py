@@ -14,6 +14,7 @@ def _student_and_meta(pruned: Optional[Path], cfg) -> tuple:
     """The student model and the metadata to save it back as a pruned-model folder."""
     from ..models import load_model
     from ..prune import PRUNED_JSON, load_pruned
+    from ..safety import read_json
 
     pre = cfg.data.preprocessing
     in_ch = cfg.model.in_channels or pre.channels
@@ -24,7 +25,7 @@ def _student_and_meta(pruned: Optional[Path], cfg) -> tuple:
     if not Path(pruned).is_dir():
         raise ConfigError(f"--pruned {pruned} is not a folder; give the output folder of `edgeprune prune`")
     student = load_pruned(pruned)
-    meta = json.loads((Path(pruned) / PRUNED_JSON).read_text())
+    meta = read_json(Path(pruned) / PRUNED_JSON, "pruned-model file")
     return student, meta
 
 
@@ -47,9 +48,15 @@ def run_finetune(*, pruned: Optional[Path], teacher: Optional[Path], config: Opt
     from ..pipeline import torch_device
     from ..prune import save_pruned
 
+    from ..preflight import check_classes, check_device
+    from ..safety import atomic_write, check_writable
+
     cfg = load_pipeline_config(config, {"finetune.epochs": epochs} if epochs is not None else None)
     validate_config(cfg.finetune)
+    check_device(device)
+    check_writable(out, "output folder")
     student, meta = _student_and_meta(pruned, cfg)
+    check_classes(cfg.data, meta["num_classes"])
     teach = _teacher(teacher, meta, cfg)
     train, val = train_val_split(load_split(cfg.data, "train"), cfg.data.val_fraction or 0.05, seed=cfg.finetune.seed)
     dev = torch_device(device)
@@ -57,7 +64,7 @@ def run_finetune(*, pruned: Optional[Path], teacher: Optional[Path], config: Opt
     save_pruned(res.model.cpu(), out, arch=meta["arch"], model_kwargs=meta["model_kwargs"],
                 num_classes=meta["num_classes"], in_channels=meta["in_channels"],
                 input_shape=tuple(meta["input_shape"]))
-    (out / "finetune.json").write_text(json.dumps(res.to_dict(), indent=1))
+    atomic_write(out / "finetune.json", json.dumps(res.to_dict(), indent=1))
     return res
 
 

@@ -21,6 +21,9 @@ def run_latency_prune(*, config: Optional[Path], target: str, budget_ms: Optiona
 
     cfg = build_config(config, overrides, **{"model.weights": str(weights) if weights else None, "model.arch": arch,
                                              "score.criterion": criterion})
+    from ..safety import atomic_write, check_writable
+
+    check_writable(out, "output folder")
     tgt = resolve_targets([target])[0]
     if threads:
         tgt = tgt.model_copy(update={"threads": threads})
@@ -37,7 +40,7 @@ def run_latency_prune(*, config: Optional[Path], target: str, budget_ms: Optiona
                         round_to=cfg.prune.round_to, max_layer_ratio=cfg.prune.max_layer_ratio, ignore=cfg.prune.ignore,
                         lut_points=lut_points, lut_holdout=lut_holdout)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latency_search.json").write_text(json.dumps({"latency_search": res.to_dict()}, indent=1, default=str))
+    atomic_write(out / "latency_search.json", json.dumps({"latency_search": res.to_dict()}, indent=1, default=str))
     res.plot(out / "latency_trajectory.png")
     save_pruned(res.model, out / "pruned", arch=cfg.model.arch, model_kwargs=cfg.model.kwargs,
                 num_classes=cfg.model.num_classes, in_channels=pre.channels, input_shape=pre.shape)
@@ -59,7 +62,8 @@ def _model_and_scores(cfg, progress: bool):
     scores = score_model(model, calib, criterion=sc.criterion, num_classes=cfg.model.num_classes,
                          batch_size=cfg.data.batch_size, levels=sc.levels, radius=sc.radius,
                          quantization=sc.quantization, use_predicted_labels=sc.use_predicted_labels,
-                         cache_mb=sc.cache_mb, progress=progress, **sc.params)
+                         cache_mb=sc.cache_mb, progress=progress, selection=sc.selection,
+                         redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy, **sc.params)
     return model, scores.scores
 
 

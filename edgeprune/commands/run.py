@@ -28,6 +28,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def build_config(config: Optional[Path], overrides: list[str], **direct: Any) -> PipelineConfig:
+    from ..trust import trust
+
+    trust(direct.get("model.arch"))  # a factory typed on the command line is the user's own choice
     values = parse_overrides(overrides)
     values.update({k: v for k, v in direct.items() if v is not None})
     return load_pipeline_config(config, values)
@@ -59,6 +62,8 @@ def register(app: typer.Typer) -> None:
         weights: Optional[Path] = typer.Option(None, help="model weights (.safetensors or .pt state dict)"),
         arch: Optional[str] = typer.Option(None, help="torchvision name or package.module:factory"),
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a pickled whole model (runs code)"),
+        trust_code: list[str] = typer.Option([], "--trust-code", metavar="MODULE[:FACTORY]",
+                                             help="allow importing this model factory module (runs its code); repeatable"),
         latency_budget_ms: Optional[float] = typer.Option(None, help="latency-driven pruning to this p50 budget"),
         resume: bool = typer.Option(False, help="continue the unfinished run in <out>.partial"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved plan and exit"),
@@ -67,6 +72,9 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Run the whole pipeline: score, prune, fine-tune, export, compile, check, benchmark, report."""
+        from ..trust import trust
+
+        trust(*trust_code)
         direct = {"name": name, "model.weights": str(weights) if weights else None, "model.arch": arch,
                   "model.trust_pickle": True if trust_pickle else None, "fail_on_gate": fail_on_gate}
         if target:
@@ -77,6 +85,10 @@ def register(app: typer.Typer) -> None:
             for t in targets:
                 t.latency_budget_ms = latency_budget_ms
         if dry_run:
+            from ..preflight import preflight
+
+            # files, names, classes, runtimes, remote hosts, writable output: what a run would hit first
+            preflight(cfg, targets, run_dir=Path(out) if out else Path(cfg.output_dir) / cfg.name)
             typer.echo(plan_text(cfg, targets))
             return
         from ..pipeline import gate, run_pipeline
@@ -104,9 +116,11 @@ def register(app: typer.Typer) -> None:
         from ..export import export_onnx, onnx_parity
         from ..prune import load_pruned
 
+        from ..safety import check_writable, read_json
+
+        check_writable(out, "ONNX output", folder=False)
         model = load_pruned(pruned)
-        meta = __import__("json").loads((Path(pruned) / "pruned.json").read_text())
-        shape = tuple(meta["input_shape"])
+        shape = tuple(read_json(Path(pruned) / "pruned.json", "pruned-model file", keys=["input_shape"])["input_shape"])
         images = torch.randn(parity_images, *shape, generator=torch.Generator().manual_seed(0))
         export_onnx(model, images[:1], out, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter)
         parity = onnx_parity(out, model, images, min_top1_agreement=0.99)

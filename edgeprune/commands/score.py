@@ -32,7 +32,12 @@ def run_score(*, config: Optional[Path], weights: Optional[Path], arch: Optional
     from ..models import load_model
     from ..scoring import score_model
 
+    from ..safety import check_writable
+    from ..trust import trust
+
+    trust(arch)  # named on the command line by the user
     cfg = load_pipeline_config(config, _overrides(weights, arch, criterion, num_images, use_predicted_labels))
+    check_writable(out, "output folder")
     filt, imgs = _parse_ints(filters, "--filters"), _parse_ints(images, "--images")
     model = load_model(cfg.model, cfg.model.in_channels or cfg.data.preprocessing.channels)
     calib = load_calibration(cfg.data, cfg.score.num_images).data
@@ -40,7 +45,8 @@ def run_score(*, config: Optional[Path], weights: Optional[Path], arch: Optional
     result = score_model(model, calib, criterion=sc.criterion, num_classes=cfg.model.num_classes,
                          batch_size=cfg.data.batch_size, levels=sc.levels, radius=sc.radius,
                          quantization=sc.quantization, use_predicted_labels=sc.use_predicted_labels,
-                         cache_mb=sc.cache_mb, progress=progress, **sc.params)
+                         cache_mb=sc.cache_mb, progress=progress, selection=sc.selection,
+                         redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy, **sc.params)
     out.mkdir(parents=True, exist_ok=True)
     result.to_json(out / "scores.json")
     result.to_csv(out / "scores.csv")

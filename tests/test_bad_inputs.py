@@ -1,0 +1,544 @@
+"""Bad inputs, as careless and malicious users send them (issue #17): one case per row.
+
+Every case runs the real CLI entry point (``edgeprune.cli.main``) in-process and asserts the exit
+code, that the message names the problem, that no traceback reaches stderr, and that nothing was
+created or changed outside the folders the case allows. Security cases assert that the marker file
+the payload would create does not exist.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeprune import guard, trust
+from edgeprune.cli import main
+from edgeprune.config import REPO_ROOT
+
+WEIGHTS = REPO_ROOT / "edgeprune" / "assets" / "fmnist_cnn.safetensors"
+CALIB = REPO_ROOT / "calibration" / "fashion-mnist-500"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Each case runs in its own empty folder, with no user trust list and nothing trusted before."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / ".xdg"))
+    monkeypatch.delenv(trust.ENV_VAR, raising=False)
+    trust.reset()
+    yield
+    trust.reset()
+    guard.reset()
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``edgeprune ARGS``."""
+    old = sys.argv
+    sys.argv = ["edgeprune", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and ".xdg" not in p.parts}
+
+
+def assert_clean_failure(code: int, err: str, *, exit_code: int, names: tuple[str, ...]) -> None:
+    assert code == exit_code, err
+    assert "Traceback" not in err and 'File "' not in err, err
+    for n in names:
+        assert n.lower() in err.lower(), f"{n!r} not in: {err}"
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def image_folder(root: Path, classes: list[str], per_class: int = 2, size: int = 28) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def tiny_onnx(path: Path, *, batch: int | None = None, shape=(1, 28, 28)) -> Path:
+    from edgeprune.zoo import fmnist_cnn
+
+    torch.manual_seed(0)
+    model = fmnist_cnn(widths=(8, 8, 8), in_channels=shape[0]).eval()
+    axes = None if batch else {"input": {0: "N"}, "logits": {0: "N"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, torch.zeros(batch or 1, *shape), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_axes=axes, dynamo=False)
+    return path
+
+
+def pruned_folder(folder: Path, arch: str, kwargs: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "pruned.json").write_text(json.dumps({
+        "format": 1, "arch": arch, "model_kwargs": kwargs, "num_classes": 10, "in_channels": 1,
+        "input_shape": [1, 28, 28], "plan": {}}))
+    (folder / "model.safetensors").write_bytes(WEIGHTS.read_bytes())
+    return folder
+
+
+@pytest.fixture
+def artifact(tmp_path, capsys) -> Path:
+    """An ONNX Runtime fp32 artifact of a small model, compiled by the CLI."""
+    pytest.importorskip("onnxruntime")
+    onnx = tiny_onnx(tmp_path / "m.onnx")
+    code, _, err = cli(capsys, "compile", onnx, "-t", "cpu-onnxruntime", "-p", "fp32", "--out", tmp_path / "art")
+    assert code == 0, err
+    return tmp_path / "art" / "fp32"
+
+
+# ----------------------------------------------------------------------------- security
+
+
+@pytest.mark.parametrize("command", ["export", "finetune"])
+def test_pruned_folder_naming_os_system_runs_nothing(tmp_path, capsys, command):
+    mark = tmp_path / "PWNED"
+    folder = pruned_folder(tmp_path / "evil", "os:system", {"command": f"touch {mark}"})
+    args = (["export", folder, "--out", tmp_path / "m.onnx"] if command == "export"
+            else ["finetune", "--pruned", folder, "--out", tmp_path / "ft", "--epochs", "0"])
+    code, _, err = cli(capsys, *args)
+    assert_clean_failure(code, err, exit_code=2, names=("refusing to import", "os:system", "--trust-code"))
+    assert not mark.exists()
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("arch, why", [("os:system", "not a model class or factory function"),
+                                       ("subprocess:Popen", "not a torch.nn.Module subclass")])
+def test_trusted_module_must_still_name_a_model_factory(tmp_path, capsys, arch, why):
+    mark = tmp_path / "PWNED"
+    folder = pruned_folder(tmp_path / "evil", arch, {"command": f"touch {mark}", "args": ["touch", str(mark)]})
+    code, _, err = cli(capsys, "--trust-code", arch.partition(":")[0], "export", folder, "--out", tmp_path / "m.onnx")
+    assert_clean_failure(code, err, exit_code=2, names=(why,))
+    assert not mark.exists()
+
+
+def test_pipeline_yaml_arch_os_system_runs_nothing(tmp_path, capsys):
+    mark = tmp_path / "PWNED"
+    cfg = write_yaml(tmp_path / "evil.yaml", {"model": {"arch": "os:system", "weights": None,
+                                                         "kwargs": {"command": f"touch {mark}"}}})
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, "run", "--config", cfg, "-t", "cpu-onnxruntime", "--no-progress")
+    assert_clean_failure(code, err, exit_code=2, names=("refusing to import", "os:system"))
+    assert not mark.exists()
+    assert snapshot(tmp_path) == before
+
+
+def test_trusted_factory_from_user_config_or_flag_loads(tmp_path, capsys, monkeypatch):
+    (tmp_path / "mymodels.py").write_text("from edgeprune.zoo import FmnistCNN\n\n"
+                                          "def net(num_classes=10, in_channels=1):\n"
+                                          "    return FmnistCNN(num_classes, in_channels, widths=(8, 8, 8))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = pruned_folder(tmp_path / "p", "mymodels:net", {})
+    from edgeprune.models import save_safetensors
+    from edgeprune.zoo import FmnistCNN
+
+    save_safetensors(FmnistCNN(widths=(8, 8, 8)), folder / "model.safetensors")
+    code, _, err = cli(capsys, "export", folder, "--out", tmp_path / "a.onnx", "--parity-images", "4")
+    assert_clean_failure(code, err, exit_code=2, names=("not trusted", "--trust-code mymodels"))
+    assert not (tmp_path / "a.onnx").exists()
+    code, _, err = cli(capsys, "--trust-code", "mymodels", "export", folder, "--out", tmp_path / "a.onnx",
+                       "--parity-images", "4")
+    assert code == 0, err
+    trust.reset()
+    write_yaml(tmp_path / ".xdg" / "edgeprune" / "config.yaml", {"trust_code": ["mymodels"]})
+    code, _, err = cli(capsys, "export", folder, "--out", tmp_path / "b.onnx", "--parity-images", "4")
+    assert code == 0, err
+    assert (tmp_path / "a.onnx").is_file() and (tmp_path / "b.onnx").is_file()
+
+
+def test_run_name_is_one_path_component(tmp_path, capsys):
+    (tmp_path / "work").mkdir()
+    os.chdir(tmp_path / "work")
+    code, _, err = cli(capsys, "run", "--name", "../../x", "--dry-run")
+    assert_clean_failure(code, err, exit_code=2, names=("'../../x'", "single folder name"))
+    assert not any(tmp_path.rglob("x*"))
+
+
+def test_decompression_bomb_image_is_a_bad_image(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    calib = image_folder(tmp_path / "calib", ["a", "b"], per_class=1, size=64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4096 > 2x the limit: a "bomb"
+    cfg = write_yaml(tmp_path / "c.yaml", {"data": {"calibration": str(calib), "min_calibration": 1}})
+    code, _, err = cli(capsys, "score", "--config", cfg, "--criterion", "sae", "--out", tmp_path / "s",
+                       "--num-images", "8")
+    assert_clean_failure(code, err, exit_code=2, names=("corrupt or unreadable image", "decompression bomb"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # between 1x and 2x the limit: PIL only warns
+    code, _, err = cli(capsys, "score", "--config", cfg, "--criterion", "sae", "--out", tmp_path / "s",
+                       "--num-images", "8")
+    assert_clean_failure(code, err, exit_code=2, names=("corrupt or unreadable image", "decompression bomb"))
+
+
+# ----------------------------------------------------------------------------- data vs model
+
+
+def _image_cfg(tmp_path: Path, classes: list[str], *, empty: str | None = None) -> Path:
+    for split in ("train", "val"):
+        image_folder(tmp_path / "data" / split, classes)
+        if empty:
+            (tmp_path / "data" / split / empty).mkdir()
+    return write_yaml(tmp_path / "c.yaml", {"data": {"kind": "image-folder", "root": str(tmp_path / "data"),
+                                                      "calibration": str(CALIB)}})
+
+
+def test_more_class_folders_than_the_head_is_refused_before_work(tmp_path, capsys):
+    cfg = _image_cfg(tmp_path, [f"c{i:02d}" for i in range(12)])
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, "run", "--config", cfg, "-t", "cpu-onnxruntime", "--no-progress")
+    assert_clean_failure(code, err, exit_code=2, names=("12 classes", "c00, c01", "10 outputs", "num_classes=10"))
+    assert snapshot(tmp_path) == before and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("empty", ["aaa-empty", "zzz-empty"])
+def test_empty_class_folder_is_refused_wherever_it_sorts(tmp_path, capsys, empty):
+    cfg = _image_cfg(tmp_path, [f"c{i}" for i in range(9)], empty=empty)
+    code, _, err = cli(capsys, "run", "--config", cfg, "-t", "cpu-onnxruntime", "--no-progress")
+    assert_clean_failure(code, err, exit_code=2, names=("without images", empty))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, names", [
+    ("model.weights=missing.safetensors", ("model.weights", "missing.safetensors")),
+    ("data.root=/nonexistent/fmnist", ("/nonexistent/fmnist", "not found")),
+    ("data.calibration=/nonexistent/calib", ("data.calibration", "/nonexistent/calib")),
+])
+def test_dry_run_checks_that_files_exist(capsys, override, names):
+    code, out, err = cli(capsys, "run", "--dry-run", "-t", "cpu-onnxruntime", "--set", override)
+    assert_clean_failure(code, err, exit_code=2, names=names)
+    assert "stages:" not in out
+
+
+# ----------------------------------------------------------------------------- late failures
+
+
+@pytest.mark.parametrize("override, names", [
+    ("score.criterion=nope", ("unknown criterion 'nope'", "sae-mi")),
+    ("finetune.optimizer=nope", ("finetune.optimizer", "sgd")),
+    ("export.exporter=nope", ("export.exporter", "torchscript")),
+    ("finetune.augment=nope", ("finetune.augment", "crop-flip")),
+])
+def test_unknown_names_are_found_before_the_first_stage(tmp_path, capsys, override, names):
+    code, _, err = cli(capsys, "run", "-t", "cpu-onnxruntime", "--set", override, "--no-progress")
+    assert_clean_failure(code, err, exit_code=2, names=names)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_target_runtime_or_device_missing_is_found_before_the_first_stage(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    tgt = write_yaml(tmp_path / "npu.yaml", {"backend": "onnxruntime", "device": "QNN", "precisions": ["fp32"]})
+    code, _, err = cli(capsys, "run", "-t", tgt, "--no-progress")
+    assert_clean_failure(code, err, exit_code=2, names=("npu", "QNN", "cannot be compiled on this machine"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreachable_remote_host_is_found_before_the_first_stage(tmp_path, capsys):
+    tgt = write_yaml(tmp_path / "box.yaml", {"backend": "onnxruntime", "host": {
+        "host": "nobody@127.0.0.1", "ssh_options": ["-p", "1"], "connect_timeout_s": 3}})
+    code, _, err = cli(capsys, "run", "-t", tgt, "--dry-run")
+    assert_clean_failure(code, err, exit_code=2, names=("127.0.0.1",))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_leaves_no_partial(tmp_path, capsys):
+    code, _, err = cli(capsys, "run", "-t", "cpu-onnxruntime", "--set", "device=cuda", "--no-progress")
+    assert_clean_failure(code, err, exit_code=2, names=("'cuda'", "CUDA is not available"))
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("where", ["proc", "file"])
+def test_unwritable_run_output_is_found_up_front(tmp_path, capsys, where):
+    out_dir = "/proc/edgeprune-out" if where == "proc" else str(tmp_path / "afile" / "runs")
+    (tmp_path / "afile").write_text("x")
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, "run", "-t", "cpu-onnxruntime", "--set", f"output_dir={out_dir}", "--dry-run")
+    assert_clean_failure(code, err, exit_code=2, names=("output folder",))
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to any folder")
+def test_folder_without_write_permission_is_found_up_front(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    code, _, err = cli(capsys, "run", "-t", "cpu-onnxruntime", "--set", f"output_dir={ro}", "--dry-run")
+    assert_clean_failure(code, err, exit_code=2, names=("not writable",))
+
+
+def test_unwritable_bench_json_is_found_before_timing(artifact, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, out, err = cli(capsys, "bench", artifact, "--json", tmp_path / "afile" / "r.json", "--min-runs", "1")
+    assert_clean_failure(code, err, exit_code=2, names=("--json", "afile"))
+    assert "p50" not in out
+
+
+def test_failing_compile_leaves_no_precision_folder(tmp_path, capsys):
+    onnx = tiny_onnx(tmp_path / "m.onnx")
+    np.save(tmp_path / "calib.npy", np.zeros((2, 1, 28, 28), np.float32))  # too few images for INT8
+    code, _, err = cli(capsys, "compile", onnx, "-t", "cpu-onnxruntime", "-p", "int8",
+                       "--calibration", tmp_path / "calib.npy", "--out", tmp_path / "out")
+    assert_clean_failure(code, err, exit_code=2, names=("calibration",))
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_into_a_non_empty_folder_refuses_unless_force(artifact, tmp_path, capsys):
+    onnx = tmp_path / "m.onnx"
+    before = snapshot(artifact)
+    code, _, err = cli(capsys, "compile", onnx, "-t", "cpu-onnxruntime", "-p", "fp32", "--out", artifact.parent)
+    assert_clean_failure(code, err, exit_code=2, names=(str(artifact), "not empty", "--force"))
+    assert snapshot(artifact) == before
+    code, _, err = cli(capsys, "compile", onnx, "-t", "cpu-onnxruntime", "-p", "fp32", "--out", artifact.parent,
+                       "--force")
+    assert code == 0, err
+
+
+def test_artifact_json_paths_are_relative_to_the_artifact(artifact, tmp_path, capsys):
+    from edgeprune.backends.base import CompiledArtifact
+
+    meta = json.loads((artifact / "artifact.json").read_text())
+    assert meta["path"] == "model.onnx" and meta["files"] == ["model.onnx"]
+    moved = tmp_path / "elsewhere" / "fp32"
+    moved.parent.mkdir()
+    artifact.rename(moved)
+    os.chdir(tmp_path / "elsewhere")
+    code, out, err = cli(capsys, "bench", moved, "--min-runs", "2", "--min-time-s", "0", "--warmup-runs", "0",
+                         "--warmup-s", "0", "--max-time-s", "1", "--no-progress")
+    assert code == 0, err
+    assert "p50" in out
+    meta["path"] = str(moved / "model.onnx")  # an old file with absolute paths still loads
+    meta["files"] = [meta["path"]]
+    (moved / "artifact.json").write_text(json.dumps(meta))
+    assert CompiledArtifact.load(moved).path == moved / "model.onnx"
+
+
+# ----------------------------------------------------------------------------- damaged or mismatched artifacts
+
+
+@pytest.mark.parametrize("damage, names", [("empty", ("is empty (0 bytes)",)),
+                                           ("truncated", ("not a valid ONNX model",))])
+def test_damaged_onnx_to_compile(tmp_path, capsys, damage, names):
+    onnx = tiny_onnx(tmp_path / "m.onnx")
+    data = onnx.read_bytes()
+    onnx.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    code, _, err = cli(capsys, "compile", onnx, "-t", "cpu-onnxruntime", "-p", "fp32", "--out", tmp_path / "out")
+    assert_clean_failure(code, err, exit_code=2, names=(str(onnx), *names))
+    assert not (tmp_path / "out").exists()
+
+
+def test_onnx_input_shape_must_match_the_preprocessing(tmp_path, capsys):
+    onnx = tiny_onnx(tmp_path / "m.onnx", shape=(3, 32, 32))
+    cfg = write_yaml(tmp_path / "c.yaml", {})  # default preprocessing: 1x28x28
+    code, _, err = cli(capsys, "compile", onnx, "-t", "cpu-onnxruntime", "-p", "fp32", "--config", cfg,
+                       "--out", tmp_path / "out")
+    assert_clean_failure(code, err, exit_code=2, names=("Nx3x32x32", "1x28x28", "data.preprocessing"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_static_batch_onnx_must_match_the_target_batch(tmp_path, capsys):
+    onnx = tiny_onnx(tmp_path / "m.onnx", batch=4)
+    code, _, err = cli(capsys, "compile", onnx, "-t", "cpu-onnxruntime", "-p", "fp32", "--out", tmp_path / "out")
+    assert_clean_failure(code, err, exit_code=2, names=("static batch of 4", "batch 1"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, names", [
+    ("random-onnx", ("model.onnx", "not a valid ONNX model")),
+    ("bad-json", ("artifact.json", "not valid JSON")),
+    ("missing-keys", ("artifact.json", "lacks the key(s) backend")),
+])
+def test_bench_on_a_damaged_artifact_folder(artifact, capsys, damage, names):
+    if damage == "random-onnx":
+        (artifact / "model.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "bad-json":
+        (artifact / "artifact.json").write_text('{"target": "cpu-onnxruntime", ')
+    else:
+        meta = json.loads((artifact / "artifact.json").read_text())
+        del meta["backend"]
+        (artifact / "artifact.json").write_text(json.dumps(meta))
+    code, _, err = cli(capsys, "bench", artifact, "--min-runs", "1", "--no-progress")
+    assert_clean_failure(code, err, exit_code=2, names=names)
+
+
+def test_bundle_of_a_corrupt_report(tmp_path, capsys):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "report.json").write_bytes(b'{"run": {"name": \xff')
+    code, _, err = cli(capsys, "bundle", run)
+    assert_clean_failure(code, err, exit_code=2, names=("report.json", "not valid JSON"))
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"]
+
+
+def _partial(tmp_path: Path, state: dict | str) -> Path:
+    partial = tmp_path / "runs" / "r.partial"
+    partial.mkdir(parents=True)
+    (partial / "state.json").write_text(state if isinstance(state, str) else json.dumps(state))
+    return partial
+
+
+RESUME_ARGS = ("--name", "r", "-t", "cpu-onnxruntime", "--resume", "--no-progress",
+               "--set", "data.max_train_images=64", "--set", "data.max_eval_images=64")
+
+
+def test_resume_with_a_broken_state_file(tmp_path, capsys):
+    partial = _partial(tmp_path, '{"done": ["load", ')
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, "run", *RESUME_ARGS)
+    assert_clean_failure(code, err, exit_code=2, names=("state.json", "not valid JSON"))
+    assert snapshot(tmp_path) == before and partial.is_dir()
+
+
+def test_resume_with_a_changed_config_names_the_changed_keys(tmp_path, capsys):
+    from edgeprune.commands.run import build_config
+    from edgeprune.config import resolve_targets
+    from edgeprune.preflight import config_fingerprint
+
+    cfg = build_config(None, ["data.max_train_images=64", "data.max_eval_images=64"], name="r")
+    started = config_fingerprint(cfg, resolve_targets(["cpu-onnxruntime"]))
+    _partial(tmp_path, {"done": ["load"], "report": {}, "config": started})
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, "run", *RESUME_ARGS, "--set", "prune.target_macs_reduction=3")
+    assert_clean_failure(code, err, exit_code=2, names=("--resume", "prune.target_macs_reduction"))
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_of_a_run_folder_naming_os_system_runs_nothing(tmp_path, capsys):
+    from edgeprune.commands.run import build_config
+    from edgeprune.config import resolve_targets
+    from edgeprune.preflight import config_fingerprint
+
+    mark = tmp_path / "PWNED"
+    cfg = build_config(None, ["data.max_train_images=64", "data.max_eval_images=64"], name="r")
+    started = config_fingerprint(cfg, resolve_targets(["cpu-onnxruntime"]))
+    partial = _partial(tmp_path, {"done": ["load", "score", "prune"], "config": started,
+                                  "report": {"run": {}, "accuracy": {"baseline": 0.9}}})
+    (partial / "scores.json").write_text(json.dumps({"criterion": "sae-mi", "seconds": 0, "labels_source": "labels",
+                                                     "scores": {}}))
+    pruned_folder(partial / "pruned", "os:system", {"command": f"touch {mark}"})
+    code, _, err = cli(capsys, "run", *RESUME_ARGS)
+    assert_clean_failure(code, err, exit_code=2, names=("refusing to import", "os:system"))
+    assert not mark.exists()
+
+
+def test_non_utf8_config(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    code, _, err = cli(capsys, "run", "--config", cfg, "--dry-run")
+    assert_clean_failure(code, err, exit_code=2, names=(str(cfg), "not UTF-8"))
+
+
+def test_inspect_with_an_input_too_small_for_the_model(capsys):
+    code, _, err = cli(capsys, "inspect", "alexnet", "--input-shape", "1,8,8")
+    assert_clean_failure(code, err, exit_code=2, names=("alexnet", "(1, 8, 8)", "--input-shape"))
+
+
+@pytest.mark.parametrize("option, value, names", [
+    ("--min-runs", "0", ("min_runs", "greater than or equal to 1")),
+    ("--max-time-s", "-1", ("max_time_s", "greater than 0")),
+    ("--threads", "-1", ("--threads", "greater than or equal to 1")),
+])
+def test_bench_options_out_of_range(artifact, capsys, option, value, names):
+    code, out, err = cli(capsys, "bench", artifact, option, value)
+    assert_clean_failure(code, err, exit_code=2, names=names)
+    assert "p50" not in out
+
+
+def test_set_a_boolean_for_a_number_is_refused(capsys):
+    code, _, err = cli(capsys, "run", "--dry-run", "--set", "finetune.epochs=yes")
+    assert_clean_failure(code, err, exit_code=2, names=("finetune.epochs", "a number is needed", "True"))
+
+
+def test_target_macs_must_be_finite(tmp_path, capsys):
+    code, _, err = cli(capsys, "prune", "--target-macs", "inf", "--criterion", "l1", "--out", tmp_path / "p")
+    assert_clean_failure(code, err, exit_code=2, names=("prune.target_macs_reduction", "finite"))
+    assert "closest reachable" not in err and not (tmp_path / "p").exists()
+
+
+# ----------------------------------------------------------------------------- the top-level guard
+
+
+def _last_traceback_path(err: str) -> Path:
+    assert len(err.strip().splitlines()) == 1, err  # one line, not a wall of frames
+    return Path(err.rsplit("full traceback in ", 1)[1].strip().removesuffix(")"))
+
+
+def test_unexpected_exception_becomes_one_line_and_a_traceback_file(capsys, monkeypatch):
+    import edgeprune.commands.run as run_cmd
+
+    def boom(*_a, **_k):
+        raise ValueError("something nobody checked")
+
+    monkeypatch.setattr(run_cmd, "plan_text", boom)
+    code, _, err = cli(capsys, "run", "--dry-run", "-t", "cpu-onnxruntime")
+    assert_clean_failure(code, err, exit_code=1, names=("unexpected ValueError", "`edgeprune run`",
+                                                        "something nobody checked"))
+    path = _last_traceback_path(err)
+    try:
+        assert "Traceback" in path.read_text() and "boom" in path.read_text()
+    finally:
+        path.unlink()
+
+
+def test_unexpected_exception_in_a_stage_saves_its_traceback_in_the_run_folder(tmp_path, capsys, monkeypatch):
+    from edgeprune import pipeline
+    from edgeprune.data import TensorData
+    from edgeprune.zoo import fmnist_cnn
+
+    x = torch.zeros(4, 1, 28, 28)
+    data = TensorData(x, torch.zeros(4, dtype=torch.long), [str(i) for i in range(10)], "fake")
+    monkeypatch.setattr(pipeline, "load_inputs", lambda cfg: pipeline.Inputs(fmnist_cnn().eval(), data, data, data,
+                                                                            None))
+
+    def boom(*_a, **_k):
+        raise KeyError("no such layer")
+
+    monkeypatch.setattr(pipeline, "stage_score", boom)
+    code, _, err = cli(capsys, "run", "--name", "r", "-t", "cpu-onnxruntime", "--no-progress")
+    assert_clean_failure(code, err, exit_code=1, names=("unexpected KeyError during score", "no such layer"))
+    assert _last_traceback_path(err) == tmp_path / "runs" / "r.partial" / "traceback.txt"
+    assert "boom" in _last_traceback_path(err).read_text()
+
+
+def test_edgeprune_errors_keep_their_exit_codes(capsys, monkeypatch):
+    import edgeprune.commands.run as run_cmd
+    from edgeprune.errors import GateError
+
+    def gate(*_a, **_k):
+        raise GateError("1 artifact(s) failed their target's budget")
+
+    monkeypatch.setattr(run_cmd, "plan_text", gate)
+    code, _, err = cli(capsys, "run", "--dry-run", "-t", "cpu-onnxruntime")
+    assert_clean_failure(code, err, exit_code=3, names=("failed their target's budget",))
+    assert "unexpected" not in err
