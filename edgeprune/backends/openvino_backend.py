@@ -55,6 +55,9 @@ def _ov():
 
 
 def _nncf():
+    from ..progress import filter_third_party_noise
+
+    filter_third_party_noise()  # nncf imports torch.utils.cpp_extension, which warns about CUDA_HOME on a CPU box
     return require("nncf", backend="openvino", package="nncf")
 
 

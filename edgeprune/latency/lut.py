@@ -151,7 +151,7 @@ def build_lut(model: nn.Module, example: torch.Tensor, *, groups: Sequence[Group
               max_layer_ratio: float = 0.8, points: int = 3, holdout: int = 4, cache_dir: Optional[Path] = None,
               seed: int = 0, progress: bool = True) -> LatencyTable:
     """Measure (or read from the cache) the table for ``model``; ``key`` identifies target and settings."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar as tqdm
 
     cached = load_cached(cache_dir, key)
     if cached is not None:
