@@ -212,3 +212,13 @@ def test_climb_int8_ships_rung2_with_sensitive_layers_in_float(monkeypatch, tmp_
     home = run.dir / "artifacts" / "t"
     assert sorted(p.name for p in home.iterdir()) == ["int8"] and (home / "int8" / "model.onnx").exists()
     assert not [p for p in run.dir.iterdir() if p.name.startswith("tmp")]
+
+
+def test_cli_doctor_shows_isa_and_int8_settings():
+    from typer.testing import CliRunner
+
+    from edgeprune.cli import app
+
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "ISA: " in result.output and "reduce_range=" in result.output and "overflow_fix=" in result.output
