@@ -208,6 +208,8 @@ class OpenVINOBackend(Backend):
             hits = [float((np.asarray(compiled(xb)[0]).argmax(1) == yb).mean()) for xb, yb in data]
             return float(np.mean(hits)), None
 
+        kw = dict(kw)
+        kw["advanced_quantization_parameters"] = kw.pop("advanced_parameters")  # its name in this API
         return nncf.quantize_with_accuracy_control(
             model, nncf.Dataset(val_items, lambda it: it[0]), nncf.Dataset(val_items), agreement,
             max_drop=target.accuracy_drop_budget_pt / 100.0, **kw)
