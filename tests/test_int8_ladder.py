@@ -222,3 +222,24 @@ def test_cli_doctor_shows_isa_and_int8_settings():
     result = CliRunner().invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
     assert "ISA: " in result.output and "reduce_range=" in result.output and "overflow_fix=" in result.output
+
+
+def test_report_markdown_shows_isa_and_the_shipped_rung():
+    import copy
+    import json
+    from pathlib import Path
+
+    from edgeprune.report import render_markdown
+
+    report = copy.deepcopy(json.loads((Path(__file__).parent / "data" / "report_example.json").read_text()))
+    report["environment"] = {"cpu_model": "AMD EPYC", "isa": isa(EPYC_ZEN2), "isa_summary": isa_summary(isa(EPYC_ZEN2))}
+    art = next(a for a in report["artifacts"] if a["precision"] == "int8")
+    art.setdefault("meta", {})["int8_settings"] = {"reduce_range": True, "reason": "x86 without VNNI/AMX"}
+    art["ladder"] = {"shipped_rung": 2, "shipped": "1 most sensitive layer(s) in float", "excluded": ["/fc/Gemm"],
+                     "rung0_p50_ms": 0.08, "p50_vs_rung0": 1.1,
+                     "attempts": [{"rung": 0, "name": "host defaults", "accuracy_drop_pt": 4.0},
+                                  {"rung": 2, "name": "1 most sensitive layer(s) in float", "accuracy_drop_pt": 0.3}]}
+    md = render_markdown(report)
+    assert "ISA (AMD EPYC): x86_64: avx2" in md and "vnni" not in md.split("ISA (AMD EPYC):")[1].splitlines()[0]
+    assert "rung 2 (1 most sensitive layer(s) in float), kept in float: /fc/Gemm, p50 1.10x rung 0" in md
+    assert "x86 without VNNI/AMX" in md
