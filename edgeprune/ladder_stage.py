@@ -44,19 +44,24 @@ def climb_int8(run: "Run", inp: "Inputs", model: torch.nn.Module, onnx_path: Pat
         parity, accuracy = evaluate_artifact(run, inp, model, artifact, target)
         drop = round(100 * (baseline - accuracy), 3)
         passed = accuracy_ok(target, Precision.int8, drop, parity["top1_agreement"])
-        if not passed:
+        if not passed and fp32_drop <= target.accuracy_drop_budget_pt:
             log.warning("%s int8 rung %d (%s): drop %.2f pt, agreement %.2f %% -> trying the next rung",
                         target.name, rung.index, rung.name, drop, 100 * parity["top1_agreement"])
         return Attempt(rung, passed, drop, parity["top1_agreement"], result=(artifact, parity, accuracy))
 
+    fp32_drop = pruned_drop_pt(run)
     with tempfile.TemporaryDirectory(dir=run.dir) as tmp:
         ladder = Int8Ladder(backend, target, onnx_path, _error_probe(run, inp, model, onnx_path, target, Path(tmp)))
-        shipped, tried = climb(ladder.rungs(), attempt)
+        rungs = ladder.rungs() if fp32_drop <= target.accuracy_drop_budget_pt else iter([Rung(0, "host defaults")])
+        shipped, tried = climb(rungs, attempt)
     rung0 = tried[0].result[0]
     artifact, parity, accuracy = shipped.result
     record = {"shipped_rung": shipped.rung.index, "shipped": shipped.rung.name, "excluded": shipped.rung.excluded,
               "options": shipped.rung.options, "attempts": [a.to_dict() for a in tried],
               "sensitivity": [{"layer": n, "gain": round(g, 6)} for n, g in ladder.sensitivity or []]}
+    if fp32_drop > target.accuracy_drop_budget_pt:
+        record["not_climbed"] = (f"the pruned FP32 model is already {fp32_drop:.2f} pt below the baseline "
+                                 f"(budget {target.accuracy_drop_budget_pt} pt): INT8 settings cannot recover that")
     if shipped is not tried[0]:
         record["rung0_p50_ms"] = _p50(run, rung0, target)
         artifact = _move(artifact, home)
@@ -69,6 +74,14 @@ def climb_int8(run: "Run", inp: "Inputs", model: torch.nn.Module, onnx_path: Pat
         record["p50_vs_rung0"] = round(row["latency_ms"]["p50"] / record["rung0_p50_ms"], 4)
     row["ladder"] = record
     return row
+
+
+def pruned_drop_pt(run: "Run") -> float:
+    """The pruned FP32 PyTorch model's drop from the baseline, in points (0 when not recorded)."""
+    acc = run.report.get("accuracy", {})
+    if "pruned" not in acc:
+        return 0.0
+    return round(100 * (acc["baseline"] - acc["pruned"]), 3)
 
 
 def _with_options(target: TargetConfig, overrides: dict[str, Any]) -> TargetConfig:

@@ -24,6 +24,10 @@ NOISE = {
     "torch.utils.cpp_extension": ("No CUDA runtime is found",),
 }
 
+# loggers whose INFO lines are per-layer chatter in a run log (nncf: "Not adding activation input
+# quantizer for operation ...", one line per layer); their warnings and errors still show
+CHATTY = ("nncf",)
+
 
 def progress_bar(iterable: Optional[Iterable] = None, *, total: Optional[int] = None, desc: str = "",
                  unit: str = "it", disable: bool = False, leave: bool = True, initial: int = 0,
@@ -111,12 +115,24 @@ class MessageFilter(logging.Filter):
         return not any(f in msg for f in self.fragments)
 
 
+class BelowWarningFilter(logging.Filter):
+    """Drops INFO/DEBUG records (a library's chatter) and keeps its warnings and errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
 def filter_third_party_noise() -> None:
-    """Install :data:`NOISE` filters (idempotent). Call before importing the library that logs."""
+    """Install :data:`NOISE` filters and drop :data:`CHATTY` loggers' INFO lines (idempotent).
+    Call before importing the library that logs."""
     for name, fragments in NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, MessageFilter) for f in logger.filters):
             logger.addFilter(MessageFilter(fragments))
+    for name in CHATTY:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, BelowWarningFilter) for f in logger.filters):
+            logger.addFilter(BelowWarningFilter())
 
 
 def _is_terminal(stream: TextIO) -> bool:

@@ -210,6 +210,8 @@ def _ladder_lines(report: dict[str, Any]) -> list[str]:
             line += f", p50 {lad['p50_vs_rung0']:.2f}x rung 0 ({lad['rung0_p50_ms']} ms)"
         tried = "; ".join(f"rung {t['rung']} {t['name']}: drop {t['accuracy_drop_pt']} pt" for t in lad["attempts"])
         out.append(f"{line}. Tried: {tried}.")
+        if lad.get("not_climbed"):
+            out.append(f"  not climbed: {lad['not_climbed']}")
         if settings.get("reason"):
             out.append(f"  settings: {settings['reason']}")
     return out + [""]

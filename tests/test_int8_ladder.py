@@ -243,3 +243,26 @@ def test_report_markdown_shows_isa_and_the_shipped_rung():
     assert "ISA (AMD EPYC): x86_64: avx2" in md and "vnni" not in md.split("ISA (AMD EPYC):")[1].splitlines()[0]
     assert "rung 2 (1 most sensitive layer(s) in float), kept in float: /fc/Gemm, p50 1.10x rung 0" in md
     assert "x86 without VNNI/AMX" in md
+
+
+def test_climb_int8_does_not_climb_when_pruning_itself_broke_the_budget(monkeypatch, tmp_path, tiny_model, tiny_data):
+    """INT8 settings cannot recover accuracy lost by pruning: with the FP32 pruned model already over the
+    budget, only rung 0 is compiled and the record says why."""
+    from types import SimpleNamespace
+
+    from edgeprune import ladder_stage
+    from edgeprune.config import BenchConfig, TargetConfig
+    from edgeprune.export import export_onnx
+
+    onnx_path = export_onnx(tiny_model, tiny_data.images[:1], tmp_path / "m.onnx")
+    run = SimpleNamespace(dir=tmp_path / "run", progress=False,
+                          report={"accuracy": {"baseline": 1.0, "pruned": 0.8}},
+                          cfg=SimpleNamespace(export=SimpleNamespace(parity_images=16),
+                                              bench=BenchConfig(warmup_runs=1, warmup_s=0, min_runs=5, min_time_s=0)))
+    run.dir.mkdir()
+    inp = SimpleNamespace(calibration=SimpleNamespace(data=tiny_data), eval=tiny_data)
+    target = TargetConfig(name="t", backend="onnxruntime", precisions=["int8"], dynamic_batch=True,
+                          options={"min_calibration": 16})
+    row = ladder_stage.climb_int8(run, inp, tiny_model, onnx_path, target)
+    assert [a["rung"] for a in row["ladder"]["attempts"]] == [0] and "20.00 pt" in row["ladder"]["not_climbed"]
+    assert row["status"] == "failed"

@@ -72,3 +72,21 @@ def test_cuda_home_warning_is_filtered_other_warnings_kept():
     finally:
         logger.removeHandler(handler)
     assert seen == ["something else"]
+
+
+def test_nncf_info_chatter_is_dropped_warnings_kept():
+    filter_third_party_noise()
+    logger = logging.getLogger("nncf")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("Not adding activation input quantizer for operation: 1 conv")
+        logger.warning("a real warning")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    assert seen == ["a real warning"]
