@@ -3,6 +3,7 @@ control flow with fake attempts."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from edgeprune.envinfo import isa_features, isa_summary
 from edgeprune.int8_ladder import Attempt, Int8Ladder, Rung, climb, logit_error, rank_sensitivity
@@ -175,7 +176,10 @@ def test_rank_and_error_helpers():
 
 
 @pytest.mark.slow
-def test_climb_int8_ships_rung2_with_sensitive_layers_in_float(monkeypatch, tmp_path, tiny_model, tiny_data):
+@pytest.mark.parametrize("backend, excluded_key, n_layers, main_file", [
+    ("onnxruntime", "nodes_to_exclude", 7, "model.onnx"), ("openvino", "ignored_scope", 3, "model.xml")])
+def test_climb_int8_ships_rung2_with_sensitive_layers_in_float(monkeypatch, tmp_path, tiny_model, tiny_data,
+                                                                backend, excluded_key, n_layers, main_file):
     """The real ORT ladder in the compile stage, with a fake evaluation that fails every rung keeping
     no layer in float: rung 0 and both rung-1 settings are tried, the sensitivity pass runs, and the
     rung-2 artifact ships in artifacts/<target>/int8 with its record."""
@@ -185,12 +189,19 @@ def test_climb_int8_ships_rung2_with_sensitive_layers_in_float(monkeypatch, tmp_
     from edgeprune.config import BenchConfig, TargetConfig
     from edgeprune.export import export_onnx
 
+    extra: dict = {}
+    if backend == "openvino":  # NNCF is slow per run: a 3-layer model, and rung 1 already in the options
+        pytest.importorskip("nncf")
+        torch.manual_seed(0)
+        tiny_model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                                         torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 12 * 12, 4)).eval()
+        extra = {"overflow_fix": "enable", "preset": "mixed"}
     onnx_path = export_onnx(tiny_model, tiny_data.images[:1], tmp_path / "m.onnx")
     real_evaluate = ladder_stage.evaluate_artifact
 
     def fake_evaluate(run, inp, model, artifact, target):
         parity, accuracy = real_evaluate(run, inp, model, artifact, target)
-        if not artifact.meta.get("nodes_to_exclude"):
+        if not artifact.meta.get(excluded_key):
             parity = {**parity, "top1_agreement": 0.5}
             accuracy = 0.0
         return parity, accuracy
@@ -201,16 +212,17 @@ def test_climb_int8_ships_rung2_with_sensitive_layers_in_float(monkeypatch, tmp_
                                               bench=BenchConfig(warmup_runs=1, warmup_s=0, min_runs=5, min_time_s=0)))
     run.dir.mkdir()
     inp = SimpleNamespace(calibration=SimpleNamespace(data=tiny_data), eval=tiny_data)
-    target = TargetConfig(name="t", backend="onnxruntime", precisions=["int8"], dynamic_batch=True,
-                          min_top1_agreement={"int8": 0.9}, options={"min_calibration": 16, "max_float_layers": 1})
+    target = TargetConfig(name="t", backend=backend, precisions=["int8"], dynamic_batch=True,
+                          min_top1_agreement={"int8": 0.9},
+                          options={"min_calibration": 16, "max_float_layers": 1, **extra})
     row = ladder_stage.climb_int8(run, inp, tiny_model, onnx_path, target)
     lad = row["ladder"]
-    assert [a["rung"] for a in lad["attempts"]] == [0, 1, 1, 2]
+    assert [a["rung"] for a in lad["attempts"]] == ([0, 2] if extra else [0, 1, 1, 2])
     assert lad["shipped_rung"] == 2 and len(lad["excluded"]) == 1 and row["status"] == "ok"
-    assert lad["excluded"][0] == lad["sensitivity"][0]["layer"] and len(lad["sensitivity"]) == 7
-    assert row["meta"]["nodes_to_exclude"] == lad["excluded"] and lad["rung0_p50_ms"] > 0 and lad["p50_vs_rung0"] > 0
+    assert lad["excluded"][0] == lad["sensitivity"][0]["layer"] and len(lad["sensitivity"]) == n_layers
+    assert row["meta"][excluded_key] == lad["excluded"] and lad["rung0_p50_ms"] > 0 and lad["p50_vs_rung0"] > 0
     home = run.dir / "artifacts" / "t"
-    assert sorted(p.name for p in home.iterdir()) == ["int8"] and (home / "int8" / "model.onnx").exists()
+    assert sorted(p.name for p in home.iterdir()) == ["int8"] and (home / "int8" / main_file).exists()
     assert not [p for p in run.dir.iterdir() if p.name.startswith("tmp")]
 
 
