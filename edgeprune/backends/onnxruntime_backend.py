@@ -15,7 +15,10 @@ accumulation) and on ARM (widening multiplies / SDOT) nothing saturates and full
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -39,6 +42,7 @@ PROVIDERS = {
     "XNNPACK": "XnnpackExecutionProvider",
 }
 CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
+log = logging.getLogger("edgeprune")
 ACTIVATION_TYPES = ("uint8", "int8")
 
 
@@ -142,14 +146,18 @@ def quantize_qdq(src: Path, dst: Path, x: np.ndarray, *, input_name: str, batch:
         else:
             pre_note = "quant_pre_process"
         try:
-            quantize_static(
-                str(pre), str(dst), cal.make_ort_reader(x, input_name=input_name, batch=batch),
-                quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=act,
-                weight_type=QuantType.QInt8, calibrate_method=methods[method], reduce_range=reduce_range,
-                nodes_to_exclude=list(nodes_to_exclude or []), extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
-            )
+            with contextlib.redirect_stdout(io.StringIO()) as printed:  # the histogram calibrators print() progress
+                quantize_static(
+                    str(pre), str(dst), cal.make_ort_reader(x, input_name=input_name, batch=batch),
+                    quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=act,
+                    weight_type=QuantType.QInt8, calibrate_method=methods[method], reduce_range=reduce_range,
+                    nodes_to_exclude=list(nodes_to_exclude or []),
+                    extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
+                )
         except Exception as exc:
             raise CompileError(f"onnxruntime static quantization of {src} failed: {exc}") from exc
+        if printed.getvalue().strip():
+            log.debug("onnxruntime quantization: %s", printed.getvalue().strip())
     return {"quantizer": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": activation_type,
             "weights": "int8", "per_channel": per_channel, "calibrate_method": method,
             "symmetric_activations": symmetric_activations, "reduce_range": reduce_range,
