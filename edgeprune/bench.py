@@ -117,7 +117,7 @@ def _timed_runs(
     fn: Callable[[], object], *, sync: Optional[Callable[[], None]], min_runs: int,
     min_time_s: float, max_time_s: float, progress: bool, clock: Callable[[], int] = time.perf_counter_ns,
 ) -> list[float]:
-    from tqdm import tqdm
+    from .progress import progress_bar as tqdm
 
     samples: list[float] = []
     bar = tqdm(total=min_runs, desc="bench", unit="run", disable=not progress, leave=False)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -19,11 +19,11 @@ EVAL_BATCH = 256
 
 
 def compile_target(run: "Run", inp: "Inputs", onnx_path: Path, target: TargetConfig,
-                   precision: Precision) -> "CompiledArtifact":
+                   precision: Precision, out_dir: Optional[Path] = None) -> "CompiledArtifact":
     from .backends import get_backend
 
     backend = get_backend(target.backend.value)
-    out_dir = run.dir / "artifacts" / target.name / precision.value
+    out_dir = out_dir or run.dir / "artifacts" / target.name / precision.value
     calib = inp.calibration.data.images.numpy() if precision == Precision.int8 else None
     t0 = time.perf_counter()
     artifact = backend.compile(onnx_path, out_dir, target=target, precision=precision, calibration=calib)
@@ -36,20 +36,44 @@ def artifact_batch(target: TargetConfig) -> int:
 
 
 def check_artifact(run: "Run", inp: "Inputs", model: torch.nn.Module, artifact: "CompiledArtifact",
-                   target: TargetConfig) -> dict:
-    """Parity with the pruned FP32 PyTorch model, accuracy on the eval split, latency, gates."""
-    from .backends import get_backend
+                   target: TargetConfig, evaluated: Optional[tuple[dict, float]] = None) -> dict:
+    """Parity with the pruned FP32 PyTorch model, accuracy on the eval split, latency, gates.
+    ``evaluated`` (parity, accuracy) skips the evaluation when the caller already ran it."""
     from .bench import bench_artifact
+
+    parity, accuracy = evaluated or evaluate_artifact(run, inp, model, artifact, target)
+    bench = bench_artifact(artifact, target=target, cfg=run.cfg.bench, progress=run.progress)
+    return summarize(artifact, target, parity, accuracy, bench, run.report["accuracy"]["baseline"], root=run.dir)
+
+
+def evaluate_artifact(run: "Run", inp: "Inputs", model: torch.nn.Module, artifact: "CompiledArtifact",
+                      target: TargetConfig) -> tuple[dict, float]:
+    """(parity with the FP32 PyTorch model on the held-out images, top-1 accuracy on the eval split)."""
+    from .backends import get_backend
 
     runner = get_backend(artifact.backend).load(artifact, target=target)
     bs = artifact_batch(target)
-    held_out = inp.eval.images[: run.cfg.export.parity_images]
-    parity = compare_outputs(torch_logits(model, held_out), run_batched(runner, held_out.numpy(), bs))
+    n = run.cfg.export.parity_images
     logits = run_batched(runner, inp.eval.images.numpy(), bs)  # (N, K)
+    parity = compare_outputs(torch_logits(model, inp.eval.images[:n]), logits[:n])
     accuracy = float(np.mean(logits.argmax(1) == inp.eval.labels.numpy()))
-    bench = bench_artifact(artifact, target=target, cfg=run.cfg.bench, progress=run.progress)
-    return summarize(artifact, target, parity.to_dict(), accuracy, bench, run.report["accuracy"]["baseline"],
-                     root=run.dir)
+    return parity.to_dict(), accuracy
+
+
+def accuracy_ok(target: TargetConfig, precision: Precision, drop_pt: float, agreement: float) -> bool:
+    """The target's accuracy gate: drop within budget and top-1 agreement with FP32 at least the floor."""
+    return drop_pt <= target.accuracy_drop_budget_pt and agreement >= target.agreement_floor(precision)
+
+
+def compile_and_check(run: "Run", inp: "Inputs", model: torch.nn.Module, onnx_path: Path, target: TargetConfig,
+                      precision: Precision) -> dict:
+    """Compile, evaluate, gate and benchmark one target/precision; INT8 climbs the recovery ladder
+    (:mod:`edgeprune.int8_ladder`) when its accuracy gate fails."""
+    if precision != Precision.int8:
+        return check_artifact(run, inp, model, compile_target(run, inp, onnx_path, target, precision), target)
+    from .ladder_stage import climb_int8
+
+    return climb_int8(run, inp, model, onnx_path, target)
 
 
 def check_remote(run: "Run", inp: "Inputs", model: torch.nn.Module, onnx_path: Path,
@@ -81,7 +105,7 @@ def summarize(artifact: "CompiledArtifact", target: TargetConfig, parity: dict, 
     drop = round(100 * (baseline - accuracy), 3)
     lat_ok = target.latency_budget_ms is None or first["p50"] <= target.latency_budget_ms
     floor = target.agreement_floor(Precision(artifact.precision))
-    acc_ok = drop <= target.accuracy_drop_budget_pt and parity["top1_agreement"] >= floor
+    acc_ok = accuracy_ok(target, Precision(artifact.precision), drop, parity["top1_agreement"])
     files = [Path(f) for f in artifact.files]
     return {
         "target": target.name, "backend": artifact.backend, "device": artifact.device,

@@ -378,7 +378,7 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train: TensorData
 
 
 def _loop(run: _Run, progress: bool, t0: float) -> None:
-    from tqdm.auto import tqdm
+    from .progress import progress_bar as tqdm
 
     p = run.p
     bar = tqdm(total=run.total, initial=p.step, desc="fine-tune", unit="step", disable=not progress)

@@ -275,7 +275,7 @@ def stage_export(run: Run, inp: Inputs, model: torch.nn.Module) -> Path:
 
 
 def stage_compile_and_check(run: Run, inp: Inputs, model: torch.nn.Module, onnx_path: Path) -> list[dict]:
-    from .check import check_artifact, check_remote, compile_target
+    from .check import check_remote, compile_and_check
 
     if run.done("compile"):
         return run.report["artifacts"]
@@ -286,8 +286,7 @@ def stage_compile_and_check(run: Run, inp: Inputs, model: torch.nn.Module, onnx_
             artifacts.extend(check_remote(run, inp, model, onnx_path, target))
         else:
             for precision in target.precisions:
-                artifact = compile_target(run, inp, onnx_path, target, precision)
-                artifacts.append(check_artifact(run, inp, model, artifact, target))
+                artifacts.append(compile_and_check(run, inp, model, onnx_path, target, precision))
         run.report["artifacts"] = artifacts
     if run.cfg.bench.baseline:  # the unpruned model, same targets and harness: the speed-up
         from .baseline import add_baselines
@@ -331,6 +330,7 @@ def run_pipeline(cfg: PipelineConfig, targets: list[TargetConfig], *, resume: bo
                 data={"eval": inp.eval.source, "eval_images": len(inp.eval), "train_images": len(inp.train),
                       "val_images": len(inp.val), "classes": inp.eval.classes},
                 preprocessing=cfg.data.preprocessing.model_dump(mode="json"),
+                environment=_host_environment(),
                 warnings=[])
             run.mark("load")
         at_stage("score", run.dir)
@@ -358,6 +358,14 @@ def run_pipeline(cfg: PipelineConfig, targets: list[TargetConfig], *, resume: bo
         raise
     final = run.finish()
     return RunResult(final, run.report, [a for a in artifacts if a["status"] != "ok"])
+
+
+def _host_environment() -> dict[str, Any]:
+    """The CPU and the ISA features that decide INT8/FP16 behaviour (report.json ``environment``)."""
+    from .envinfo import cpu_model, isa_features, isa_summary
+
+    isa = isa_features()
+    return {"cpu_model": cpu_model(), "isa": isa, "isa_summary": isa_summary(isa)}
 
 
 def gate(result: RunResult) -> None:

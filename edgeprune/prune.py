@@ -370,7 +370,7 @@ def _search(model: nn.Module, x: torch.Tensor, importance: Any, target: _Target,
             progress: bool) -> _Trial:
     """Bracket the target on the global ratio, then (if channel rounding makes it jump over the
     target) mix the two bracketing ratios layer by layer."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar as tqdm
 
     r_max = s.max_layer_ratio
     lo: tuple[float, float] = (0.0, 1.0)

@@ -224,9 +224,37 @@ def _md_sections(report: dict[str, Any]) -> list[str]:
     if report.get("warnings"):
         out += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
     envs = _environments(report)
-    if envs:
-        out += ["## Environment", ""] + [f"- {k}: {v}" for k, v in envs.items()] + [""]
+    host = report.get("environment") or {}
+    if envs or host:
+        out += ["## Environment", ""]
+        if host.get("isa_summary"):
+            out.append(f"- ISA ({host.get('cpu_model')}): {host['isa_summary']}")
+        out += [f"- {k}: {v}" for k, v in envs.items()] + [""]
+    out += _ladder_lines(report)
     return out
+
+
+def _ladder_lines(report: dict[str, Any]) -> list[str]:
+    """Which INT8 recovery rung shipped per target, what it keeps in float, and its p50 vs rung 0."""
+    rows = [a for a in report.get("artifacts", []) if a.get("ladder")]
+    if not rows:
+        return []
+    out = ["## INT8 recovery ladder", ""]
+    for a in rows:
+        lad = a["ladder"]
+        settings = (a.get("meta") or {}).get("int8_settings") or {}
+        line = f"- {a['target']}: rung {lad['shipped_rung']} ({lad['shipped']})"
+        if lad.get("excluded"):
+            line += f", kept in float: {', '.join(lad['excluded'])}"
+        if lad.get("p50_vs_rung0") is not None:
+            line += f", p50 {lad['p50_vs_rung0']:.2f}x rung 0 ({lad['rung0_p50_ms']} ms)"
+        tried = "; ".join(f"rung {t['rung']} {t['name']}: drop {t['accuracy_drop_pt']} pt" for t in lad["attempts"])
+        out.append(f"{line}. Tried: {tried}.")
+        if lad.get("not_climbed"):
+            out.append(f"  not climbed: {lad['not_climbed']}")
+        if settings.get("reason"):
+            out.append(f"  settings: {settings['reason']}")
+    return out + [""]
 
 
 def _environments(report: dict[str, Any]) -> dict[str, str]:

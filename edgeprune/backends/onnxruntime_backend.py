@@ -3,12 +3,22 @@
 Target options (``targets/*.yaml`` ``options:``): ``calibrate_method`` (minmax | entropy |
 percentile), ``per_channel`` (default true), ``activation_type`` (uint8, the default: U8S8, fast on
 x86 with VNNI; int8: S8S8, measured 3x slower than U8S8 on a Xeon with ORT 1.32, but needed by
-some NPUs/TensorRT), ``symmetric_activations`` (default false),
+some NPUs/TensorRT), ``symmetric_activations`` (default false), ``reduce_range`` (default: chosen
+from the host's ISA by :func:`int8_settings`), ``nodes_to_exclude`` (ONNX node names kept in float),
 ``min_calibration`` (default 32), ``graph_optimization`` (all | extended | basic | disable).
+
+Host-accurate INT8: on x86 without VNNI (or AMX), ORT's U8S8 kernels multiply with VPMADDUBSW,
+which adds two u8*s8 products into an int16 with saturation (255*127*2 > 32767). ORT's
+quantization guide gives ``reduce_range`` (7-bit weights: 255*64*2 fits) or U8U8 for such machines;
+``reduce_range`` keeps the fast U8S8 kernels, so it is chosen there. With VNNI/AMX (int32
+accumulation) and on ARM (widening multiplies / SDOT) nothing saturates and full 8-bit weights are kept.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +42,7 @@ PROVIDERS = {
     "XNNPACK": "XnnpackExecutionProvider",
 }
 CALIBRATE_METHODS = ("minmax", "entropy", "percentile")
+log = logging.getLogger("edgeprune")
 ACTIVATION_TYPES = ("uint8", "int8")
 
 
@@ -87,9 +98,34 @@ def session(model_path: Path | bytes, *, provider: str, threads: Optional[int] =
 # ----------------------------------------------------------------------------- precision transforms
 
 
+def int8_settings(isa: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """ORT static INT8 settings that are accurate on a CPU with ``isa`` (see :func:`edgeprune.envinfo.isa_features`).
+
+    Explicit target options win. Otherwise ``reduce_range`` is on exactly when the host is x86 without
+    an int32-accumulating INT8 dot product (VNNI / AVX-VNNI / AMX) and activations are uint8 (U8S8).
+    Returns ``{"activation_type", "reduce_range", "reason"}``.
+    """
+    act = str(options.get("activation_type", "uint8"))
+    if act not in ACTIVATION_TYPES:
+        raise UnknownNameError(f"unknown activation_type {act!r}; valid: {', '.join(ACTIVATION_TYPES)}")
+    if "reduce_range" in options:
+        return {"activation_type": act, "reduce_range": bool(options["reduce_range"]),
+                "reason": "reduce_range set in the target options"}
+    saturates = isa.get("arch") == "x86_64" and not isa.get("int8_dot") and act == "uint8"
+    if saturates:
+        reason = ("x86 without VNNI/AMX: U8S8 uses VPMADDUBSW (int16 pair sums saturate); "
+                  "reduce_range (7-bit weights) keeps the sums in range")
+    elif isa.get("arch") == "x86_64" and act == "uint8":
+        reason = "x86 with VNNI/AMX: U8S8 accumulates in int32, full 8-bit weights"
+    else:
+        reason = f"{isa.get('arch')} with {act} activations: no VPMADDUBSW saturation, full 8-bit weights"
+    return {"activation_type": act, "reduce_range": saturates, "reason": reason}
+
+
 def quantize_qdq(src: Path, dst: Path, x: np.ndarray, *, input_name: str, batch: int, per_channel: bool = True,
                  method: str = "minmax", activation_type: str = "uint8",
-                 symmetric_activations: bool = False) -> dict[str, Any]:
+                 symmetric_activations: bool = False, reduce_range: bool = False,
+                 nodes_to_exclude: Optional[list[str]] = None) -> dict[str, Any]:
     """Static INT8 QDQ (int8 weights; uint8 or int8 activations) with a calibration reader over ``x`` (N, C, H, W)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -110,17 +146,22 @@ def quantize_qdq(src: Path, dst: Path, x: np.ndarray, *, input_name: str, batch:
         else:
             pre_note = "quant_pre_process"
         try:
-            quantize_static(
-                str(pre), str(dst), cal.make_ort_reader(x, input_name=input_name, batch=batch),
-                quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=act,
-                weight_type=QuantType.QInt8, calibrate_method=methods[method],
-                extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
-            )
+            with contextlib.redirect_stdout(io.StringIO()) as printed:  # the histogram calibrators print() progress
+                quantize_static(
+                    str(pre), str(dst), cal.make_ort_reader(x, input_name=input_name, batch=batch),
+                    quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=act,
+                    weight_type=QuantType.QInt8, calibrate_method=methods[method], reduce_range=reduce_range,
+                    nodes_to_exclude=list(nodes_to_exclude or []),
+                    extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
+                )
         except Exception as exc:
             raise CompileError(f"onnxruntime static quantization of {src} failed: {exc}") from exc
+        if printed.getvalue().strip():
+            log.debug("onnxruntime quantization: %s", printed.getvalue().strip())
     return {"quantizer": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": activation_type,
             "weights": "int8", "per_channel": per_channel, "calibrate_method": method,
-            "symmetric_activations": symmetric_activations, "pre_process": pre_note}
+            "symmetric_activations": symmetric_activations, "reduce_range": reduce_range,
+            "nodes_to_exclude": list(nodes_to_exclude or []), "pre_process": pre_note}
 
 
 def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
@@ -206,14 +247,45 @@ class OnnxRuntimeBackend(Backend):
         elif precision == Precision.fp16:
             meta.update(self._compile_fp16(Path(onnx_path), dst, provider))
         else:
-            opts = target.options
-            meta.update(quantize_qdq(
-                Path(onnx_path), dst, x, input_name=input_name, batch=cal.static_batch(dims) or 1,
-                per_channel=bool(opts.get("per_channel", True)), method=str(opts.get("calibrate_method", "minmax")),
-                activation_type=str(opts.get("activation_type", "uint8")),
-                symmetric_activations=bool(opts.get("symmetric_activations", False))))
+            meta.update(self._quantize(Path(onnx_path), dst, x, input_name, dims, target.options))
             meta["calibration"] = cal.calibration_summary(x)
         return self._artifact(target=target, precision=precision, path=dst, files=[dst], meta=meta)
+
+    def _quantize(self, src: Path, dst: Path, x: np.ndarray, input_name: str, dims: list[Optional[int]],
+                  opts: dict[str, Any]) -> dict[str, Any]:
+        from ..envinfo import isa_features, isa_summary
+
+        isa = isa_features()
+        chosen = int8_settings(isa, opts)
+        meta = quantize_qdq(
+            src, dst, x, input_name=input_name, batch=cal.static_batch(dims) or 1,
+            per_channel=bool(opts.get("per_channel", True)), method=str(opts.get("calibrate_method", "minmax")),
+            activation_type=chosen["activation_type"], reduce_range=chosen["reduce_range"],
+            symmetric_activations=bool(opts.get("symmetric_activations", False)),
+            nodes_to_exclude=[str(n) for n in opts.get("nodes_to_exclude") or []])
+        meta["int8_settings"] = {**chosen, "isa": isa_summary(isa)}
+        return meta
+
+    # ------------------------------------------------------------------ INT8 recovery ladder hooks
+    def int8_rungs(self, target: TargetConfig) -> list[tuple[str, dict[str, Any]]]:
+        """Rung 1 of the recovery ladder: (name, option overrides) to try after the defaults fail."""
+        opts = target.options
+        rungs: list[tuple[str, dict[str, Any]]] = []
+        if not opts.get("reduce_range"):
+            rungs.append(("reduce_range", {"reduce_range": True}))
+        if str(opts.get("calibrate_method", "minmax")) != "percentile":
+            rungs.append(("percentile calibration", {"calibrate_method": "percentile"}))
+        return rungs
+
+    def exclude_options(self, layers: list[str]) -> dict[str, Any]:
+        return {"nodes_to_exclude": list(layers)}
+
+    def quantizable_layers(self, onnx_path: Path) -> list[str]:
+        """ONNX node names of the ops whose INT8 error the sensitivity pass measures (Conv, Gemm, MatMul)."""
+        import onnx
+
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        return [n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.name]
 
     def _compile_fp16(self, src: Path, dst: Path, provider: str) -> dict[str, Any]:
         ok, why = fp16_probe(provider)

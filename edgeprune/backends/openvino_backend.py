@@ -3,7 +3,9 @@
 Target options: ``preset`` (performance | mixed), ``fast_bias_correction`` (default true),
 ``accuracy_control`` (true: nncf.quantize_with_accuracy_control, keeping top-1 agreement with the
 FP32 model within ``accuracy_drop_budget_pt``), ``inference_precision`` (f32 | f16 | bf16:
-overrides the precision the device computes non-quantized layers in), ``min_calibration``.
+overrides the precision the device computes non-quantized layers in), ``overflow_fix`` (enable |
+first_layer_only | disable; default chosen from the host's ISA by :func:`int8_settings`),
+``ignored_scope`` (OpenVINO op names kept in float), ``min_calibration``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,24 @@ from . import calibration as cal
 from .base import Backend, CompiledArtifact, Runner, prepare_out_dir, require, run_in_batches
 
 VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO")
+OVERFLOW_FIX = ("enable", "first_layer_only", "disable")
+QUANTIZABLE_OPS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul")
+
+
+def int8_settings(isa: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """NNCF settings accurate on a CPU with ``isa``: ``overflow_fix`` (7-bit weights, NNCF's answer to
+    the same int16 saturation of u8*s8 multiply-adds that ORT's reduce_range addresses) on every layer
+    when the host is x86 without VNNI/AMX; NNCF's default (first layer only) elsewhere.
+    An explicit ``overflow_fix`` option wins. Returns ``{"overflow_fix", "reason"}``."""
+    if "overflow_fix" in options:
+        fix = str(options["overflow_fix"])
+        if fix not in OVERFLOW_FIX:
+            raise UnknownNameError(f"unknown overflow_fix {fix!r}; valid: {', '.join(OVERFLOW_FIX)}")
+        return {"overflow_fix": fix, "reason": "overflow_fix set in the target options"}
+    if isa.get("arch") == "x86_64" and not isa.get("int8_dot"):
+        return {"overflow_fix": "enable", "reason": "x86 without VNNI/AMX: int16 multiply-add saturation, "
+                                                      "7-bit weights on every layer"}
+    return {"overflow_fix": "first_layer_only", "reason": "NNCF default: no int16 saturation on this ISA"}
 
 
 def compute_precision(precision: Precision, device: str, options: dict[str, Any]) -> Optional[str]:
@@ -35,6 +55,9 @@ def _ov():
 
 
 def _nncf():
+    from ..progress import filter_third_party_noise
+
+    filter_third_party_noise()  # nncf imports torch.utils.cpp_extension, which warns about CUDA_HOME on a CPU box
     return require("nncf", backend="openvino", package="nncf")
 
 
@@ -151,10 +174,21 @@ class OpenVINOBackend(Backend):
         if preset not in presets:
             raise UnknownNameError(f"unknown NNCF preset {preset!r}; valid: {', '.join(presets)}")
         devices = {"CPU": nncf.TargetDevice.CPU, "GPU": nncf.TargetDevice.GPU, "NPU": nncf.TargetDevice.NPU}
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+        from ..envinfo import isa_features, isa_summary
+
+        isa = isa_features()
+        chosen = int8_settings(isa, opts)
+        ignored = [str(n) for n in opts.get("ignored_scope") or []]
         kw = dict(preset=presets[preset], target_device=devices.get(_physical(target.device), nncf.TargetDevice.ANY),
-                  subset_size=len(items), fast_bias_correction=bool(opts.get("fast_bias_correction", True)))
+                  subset_size=len(items), fast_bias_correction=bool(opts.get("fast_bias_correction", True)),
+                  advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix(chosen["overflow_fix"])))
+        if ignored:
+            kw["ignored_scope"] = nncf.IgnoredScope(names=ignored)
         meta = {"quantizer": "nncf.quantize", "nncf_version": nncf.__version__, "preset": preset,
-                "target_device": _physical(target.device), "subset_size": len(items)}
+                "target_device": _physical(target.device), "subset_size": len(items), "ignored_scope": ignored,
+                "int8_settings": {**chosen, "isa": isa_summary(isa)}}
         try:
             if opts.get("accuracy_control"):
                 return self._quantize_ac(model, items, target, kw), {**meta, "quantizer": "nncf.quantize_with_accuracy_control",
@@ -174,9 +208,30 @@ class OpenVINOBackend(Backend):
             hits = [float((np.asarray(compiled(xb)[0]).argmax(1) == yb).mean()) for xb, yb in data]
             return float(np.mean(hits)), None
 
+        kw = dict(kw)
+        kw["advanced_quantization_parameters"] = kw.pop("advanced_parameters")  # its name in this API
         return nncf.quantize_with_accuracy_control(
             model, nncf.Dataset(val_items, lambda it: it[0]), nncf.Dataset(val_items), agreement,
             max_drop=target.accuracy_drop_budget_pt / 100.0, **kw)
+
+    # ------------------------------------------------------------------ INT8 recovery ladder hooks
+    def int8_rungs(self, target: TargetConfig) -> list[tuple[str, dict[str, Any]]]:
+        """Rung 1 of the recovery ladder: (name, option overrides) to try after the defaults fail."""
+        opts = target.options
+        rungs: list[tuple[str, dict[str, Any]]] = []
+        if opts.get("overflow_fix") != "enable":
+            rungs.append(("overflow_fix on every layer", {"overflow_fix": "enable"}))
+        if str(opts.get("preset", "performance")) != "mixed":
+            rungs.append(("mixed preset (asymmetric activations)", {"preset": "mixed"}))
+        return rungs
+
+    def exclude_options(self, layers: list[str]) -> dict[str, Any]:
+        return {"ignored_scope": list(layers)}
+
+    def quantizable_layers(self, onnx_path: Path) -> list[str]:
+        """OpenVINO op names (as NNCF's ignored scope names them) of the ops the sensitivity pass measures."""
+        model = _ov().convert_model(str(onnx_path))
+        return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in QUANTIZABLE_OPS]
 
     # ------------------------------------------------------------------ load
     def load(self, artifact: CompiledArtifact, *, target: TargetConfig) -> Runner:

@@ -72,6 +72,23 @@ def doctor_cmd() -> None:
             table.add_row(row["backend"] if first else "", "yes" if first else "", row["version"] if first else "",
                           dev, ",".join(row["precisions"].get(dev, [])) or "-", "")
     _console().print(table)
+    _console().print(isa_text())
+
+
+def isa_text() -> str:
+    """The CPU, its INT8/FP16 ISA features and the INT8 settings each backend picks from them."""
+    from ..backends.onnxruntime_backend import int8_settings as ort_settings
+    from ..backends.openvino_backend import int8_settings as ov_settings
+    from ..envinfo import cpu_model, isa_features, isa_summary
+
+    isa = isa_features()
+    ort, ov = ort_settings(isa, {}), ov_settings(isa, {})
+    return "\n".join([
+        f"CPU: {cpu_model()}",
+        f"ISA: {isa_summary(isa)} (fp16 compute: {isa.get('fp16_compute')})",
+        f"INT8 on ONNX Runtime: reduce_range={ort['reduce_range']} ({ort['reason']})",
+        f"INT8 on OpenVINO/NNCF: overflow_fix={ov['overflow_fix']} ({ov['reason']})",
+    ])
 
 
 def register(app: typer.Typer) -> None:

@@ -179,7 +179,7 @@ def build_lut(model: nn.Module, example: torch.Tensor, *, groups: Sequence[Group
               fit_configs: int = 0) -> LatencyTable:
     """Measure (or read from the cache) the table for ``model``; ``key`` identifies target and settings.
     ``cost_model`` / ``fit_configs``: see the module docstring (``fit_configs`` whole-model measurements)."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar as tqdm
 
     from ..errors import ConfigError
 

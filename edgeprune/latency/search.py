@@ -263,7 +263,7 @@ class _Search:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar as tqdm
 
         bar = tqdm(desc=f"latency search to {self.s.budget_ms:.3f} ms", unit="step", disable=not self.progress,
                    leave=False)

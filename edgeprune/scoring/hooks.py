@@ -121,7 +121,7 @@ class TapRecorder:
 def iterate_maps(model: nn.Module, taps: dict[str, Tap], images: torch.Tensor, *, batch_size: int,
                  device: str, desc: str = "", progress: bool = False):
     """Yield ``(start, maps, logits)`` per batch: ``maps`` is conv name -> (B, C, H, W)."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar as tqdm
 
     starts = range(0, len(images), batch_size)
     with TapRecorder(model, taps) as rec, torch.no_grad():
