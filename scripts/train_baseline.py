@@ -1,6 +1,6 @@
 """Train a pruning-quality baseline with the benchmark's own recipe and save it where the benchmark looks.
 
-    OMP_NUM_THREADS=1 python scripts/train_baseline.py --model mobilenet --epochs 5 --threads 1 --channels-last
+    OMP_NUM_THREADS=1 python scripts/train_baseline.py --model mobilenet --epochs 3 --threads 1 --channels-last
 
 Same recipe as ``baseline()`` in benchmarks/pruning_quality.py (it calls the same function): SGD lr 0.05
 cosine, label smoothing 0.1, shift + flip, batch 128, seed 0, on 57000 Fashion-MNIST train images (3000
