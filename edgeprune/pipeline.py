@@ -137,6 +137,7 @@ def stage_score(run: Run, inp: Inputs, device: str):
     scores = score_model(inp.teacher, calib, criterion=sc.criterion, num_classes=run.cfg.model.num_classes,
                          device=device, levels=sc.levels, radius=sc.radius, quantization=sc.quantization,
                          use_predicted_labels=sc.use_predicted_labels, cache_mb=sc.cache_mb, progress=run.progress,
+                         selection=sc.selection, redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy,
                          **sc.params)
     scores.to_json(path)
     scores.to_csv(run.dir / "scores.csv")
@@ -166,13 +167,26 @@ def stage_prune(run: Run, inp: Inputs, scores, device: str) -> torch.nn.Module:
                          round_to=round_to_for(run.targets, pc.round_to), max_layer_ratio=pc.max_layer_ratio,
                          global_ranking=pc.global_ranking, iterative_steps=pc.iterative_steps, ignore=pc.ignore,
                          tolerance=pc.tolerance, scores=scores.scores, before_step=before_step,
-                         progress=run.progress)
+                         rescore=_rescorer(run, inp, device) if pc.rescore_between_steps else None,
+                         global_normalize=pc.global_normalize, progress=run.progress)
     record_pruned(run, inp, result.model, device, macs=(result.macs_before, result.macs_after),
                   params=(result.params_before, result.params_after))
     (out_dir / "layers.txt").write_text(result.table() + "\n")
     run.report["prune"] = result.to_dict()
     run.mark("prune")
     return result.model
+
+
+def _rescorer(run: Run, inp: Inputs, device: str):
+    """prune.rescore_between_steps: score each slimmed model on the same calibration images as stage_score."""
+    from .scoring import make_rescorer
+
+    sc = run.cfg.score
+    calib = inp.calibration.data.subset(range(min(sc.num_images, len(inp.calibration.data))))
+    return make_rescorer(sc.criterion, calib, normalize=run.cfg.prune.normalize, num_classes=run.cfg.model.num_classes,
+                         device=device, levels=sc.levels, radius=sc.radius, quantization=sc.quantization,
+                         use_predicted_labels=sc.use_predicted_labels, cache_mb=sc.cache_mb, selection=sc.selection,
+                         redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy, **sc.params)
 
 
 def record_pruned(run: Run, inp: Inputs, model: torch.nn.Module, device: str, *, macs: tuple[int, int],
