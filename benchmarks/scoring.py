@@ -380,9 +380,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def default_criteria() -> list[str]:
+    """The default criterion, the MI baselines, every registered SAE variant, the data-free ones, random."""
     d = default_variant().label
-    names = [d, "mi"] + (["mi-full"] if "mi-full" in CRITERIA else []) + ["sae-mi", "sae", "sae-kernel-mi", "l1", "l2",
-                                                                        "bn-scale", "fpgm", "taylor", "random"]
+    sae = sorted(n for n in CRITERIA.names() if "sae" in n and n != "sae-kernel-mi")
+    names = [d, "mi", "mi-full", *sae, "sae-kernel-mi", "l1", "l2", "bn-scale", "fpgm", "taylor", "random"]
     return list(dict.fromkeys(n for n in names if n in CRITERIA or n == d))
 
 

@@ -48,3 +48,41 @@ def test_jaccard():
     assert jaccard({1, 2, 3}, {2, 3, 4}) == pytest.approx(0.5)
     assert jaccard(set(), set()) == 1.0
     assert jaccard({1}, {2}) == 0.0
+
+
+def _cells(model: str, crit: str, tops: list[float], tgt: float = 2.0, base: float = 0.93) -> list[dict]:
+    return [{"model": model, "criterion": crit, "variant": crit, "target_macs_reduction": tgt, "seed": s,
+             "top1": t, "baseline_top1": base, "drop_pt": 100 * (base - t)} for s, t in enumerate(tops)]
+
+
+def test_goal_checks_pair_by_seed_against_best_non_sae_and_random():
+    import pruning_quality as pq
+
+    rows = (_cells("vgg", "sae-mi", [0.928, 0.929, 0.927]) + _cells("vgg", "l1", [0.925, 0.927, 0.926])
+            + _cells("vgg", "taylor", [0.920, 0.921, 0.919]) + _cells("vgg", "random", [0.915, 0.935, 0.905]))
+    assert pq.best_baseline(rows, 2.0) == "l1"  # random is never the baseline
+    checks = pq.goal_checks(rows, "sae-mi")
+    assert [ok for text, ok in checks if ">= best non-SAE (l1)" in text] == [True]  # +0.2 pt paired over l1
+    # +0.97 pt over random on average, but random's seed sd is 1.53 pt: not separated
+    assert [ok for text, ok in checks if "> random" in text] == [False]
+    assert [ok for text, ok in checks if "drop" in text] == [True]  # 0.2 pt <= 0.5 pt
+    rows = [c for c in rows if c["criterion"] != "random"] + _cells("vgg", "random", [0.915, 0.916, 0.914])
+    assert [ok for text, ok in pq.goal_checks(rows, "sae-mi") if "> random" in text] == [True]
+    table = "\n".join(pq.paired_table(rows))
+    assert "| 2x | sae-mi | l1 | +0.20 ± 0.10 (n=3) |" in table
+
+
+def test_variant_parsing_validates_names_and_options():
+    import pruning_quality as pq
+
+    assert pq.split_top("a,b[x=1,y=2],c") == ["a", "b[x=1,y=2]", "c"]
+    v = pq.parse_variant("sae-mi[levels=16,quantization=percentile]")
+    assert v.criterion == "sae-mi" and v.slug == "sae-mi~levels-16~quantization-percentile" and v.is_sae
+    kw = pq.score_kwargs(v)
+    assert kw["levels"] == 16 and kw["quantization"] == "percentile"
+    with pytest.raises(Exception, match="valid"):
+        pq.parse_variant("sae-mix")
+    with pytest.raises(Exception, match="quantization"):
+        pq.parse_variant("sae-mi[quantization=bogus]")
+    with pytest.raises(ValueError, match="key=value"):
+        pq.parse_variant("sae-mi[levels]")
