@@ -604,6 +604,8 @@ def prune_rescoring(model: nn.Module, example_inputs: torch.Tensor, importance: 
     macs0, params0 = count_macs_params(model, example_inputs)
     target = _choose_target(target_macs_reduction, target_params_reduction, tolerance, macs0, params0)
     _check_args(ratio, target, round_to, max_layer_ratio, steps)
+    if ratio is not None:
+        target = None  # a fixed ratio wins over a target, as in prune_model
     step_cap = 1.0 - (1.0 - max_layer_ratio) ** (1.0 / steps)
     current, imp, records, res = model, importance, [], None
     for j in range(1, steps + 1):
@@ -613,8 +615,9 @@ def prune_rescoring(model: nn.Module, example_inputs: torch.Tensor, importance: 
         if ratio is not None:
             kw["ratio"] = 1.0 - (1.0 - ratio) ** (1.0 / steps)
         else:
-            base_now = target.base / max(count_macs_params(current, example_inputs)[0 if target.metric == "macs" else 1], 1)
-            want = _step_share(target.reduction, j, steps) / base_now  # reduction still to reach from `current`
+            now = count_macs_params(current, example_inputs)[0 if target.metric == "macs" else 1]
+            reached = target.base / max(now, 1)
+            want = _step_share(target.reduction, j, steps) / reached  # reduction still to reach from `current`
             kw[f"target_{target.metric}_reduction"] = max(want, 1.0 + 1e-3)
         with warnings.catch_warnings():
             if j < steps:

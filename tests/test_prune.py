@@ -271,3 +271,17 @@ def test_cli_prune_rescore_between_steps(tmp_path) -> None:
 
     report = json.loads((out / "prune_report.json").read_text())
     assert [s["rescored"] for s in report["steps"]] == [False, True] and report["target_met"]
+
+
+def test_iterative_rescoring_with_a_fixed_ratio(cnn, x) -> None:
+    calls = []
+
+    def rescore(model):
+        calls.append(1)
+        return _magnitude(), None
+
+    res = prune_model(cnn, x, _magnitude(), ratio=0.5, round_to=None, iterative_steps=2, rescore=rescore,
+                      progress=False)
+    assert res.target is None and res.target_met and len(calls) == 1
+    first = channel_plan(cnn)["features.3"]
+    assert abs(res.plan["features.3"] - first * 0.5) <= 2, res.table()  # 1 - (1 - 0.5)^(1/2) twice

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 
 import pytest
 import torch
@@ -222,7 +221,14 @@ def test_hybrids(tiny_model, tiny_data):
         expected = (rank_scores(s) + rank_scores(l1)) / 2
         assert torch.allclose(rank_avg.scores[name], expected), name
         assert bool((prod.scores[name] >= 0).all()) and prod.scores[name].shape == s.shape
-    assert {"sae-mi+l1", "sae-mi-x-act", "mi", "mi-full"} <= set(CRITERIA.names())
+    usage = score_model(tiny_model, tiny_data, criterion="sae-mi-x-usage", progress=False).scores
+    # head.0 is read by the classifier only (through pooling): its downstream weight is fc's column L1
+    fc_l1 = tiny_model.fc.weight.detach().abs().sum(0)
+    assert torch.allclose(usage["head.0"], prod.scores["head.0"] * fc_l1, rtol=1e-4)
+    # res1.0 is read by res1.3 only
+    res13 = tiny_model.res1[3].weight.detach().abs().transpose(0, 1).flatten(1).sum(1)
+    assert torch.allclose(usage["res1.0"], prod.scores["res1.0"] * res13, rtol=1e-4)
+    assert {"sae-mi+l1", "sae-mi-x-act", "sae-mi-x-usage", "mi", "mi-full"} <= set(CRITERIA.names())
     make_importance("sae-mi+l1", rank_avg, normalize="rank")
 
 
@@ -265,3 +271,16 @@ def test_chunked_auras_equal_unchunked():
     for counters in (64, 64 * 3, 64 * 7 * 2):  # per channel, several channels, several images
         assert torch.equal(aura_matrix(q, levels=8, max_counters=counters), whole), counters
         assert torch.equal(per_image_sae(q, levels=8, max_counters=counters), sae(whole)), counters
+
+
+@pytest.mark.parametrize("num_edges", [3, 7, 31])
+def test_quantize_by_comparisons_equals_search(num_edges):
+    from edgeprune.scoring import quantize
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 5, 5, generator=g)
+    edges = torch.sort(torch.randn(4, num_edges, generator=g), dim=1).values
+    edges[1, -2:] = float("inf")  # a channel with empty top levels (zero-level quantization of a dead channel)
+    flat = x.transpose(0, 1).reshape(4, -1).contiguous()
+    ref = torch.searchsorted(edges.contiguous(), flat, right=True).reshape(4, 3, 5, 5).transpose(0, 1)
+    assert torch.equal(quantize(x, edges).long(), ref)

@@ -27,7 +27,7 @@ from .hooks import Tap, TapRecorder, find_taps, iterate_maps
 from .kernel_mi import (DEFAULT_MI_BATCH, BatchedKernelMI, batch_kernel_mi, gaussian_gram, joint_entropy_by_class,
                         kernel_alignment, kernel_mi_scores, label_entropy, label_gram, matrix_entropy,
                         pairwise_sq_dists, renyi_entropy_from_eigs, renyi_mi, select_sigma, unit_trace)
-from .selection import (REDUNDANCIES, SELECTIONS, ActivationStats, check_selection, greedy_order, greedy_scores)
+from .selection import REDUNDANCIES, SELECTIONS, ActivationStats, check_selection, greedy_order, greedy_scores
 
 __all__ = [
     "CRITERIA", "ChannelScores", "Criterion", "DEFAULT_MI_BATCH", "NORMALIZERS", "QUANTIZATIONS", "REDUNDANCIES",

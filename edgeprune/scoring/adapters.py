@@ -40,7 +40,7 @@ def rank_scores(s: torch.Tensor) -> torch.Tensor:
     n = s.numel()
     if n <= 1:
         return torch.full((n,), 0.5)
-    values, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)  # sorted values
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)  # over the sorted values
     first = torch.cumsum(counts, 0) - counts  # rank of the first of each tied run
     avg = first.double() + (counts.double() - 1.0) / 2.0  # (U,)
     return (avg[inverse] / (n - 1)).float()

@@ -27,6 +27,7 @@ AURA_CHUNK_COUNTERS = 1 << 22  # per-image aura counters (images x channels x G^
 
 # ----------------------------------------------------------------------------- quantization
 
+_COMPARE_MAX_EDGES = 16
 _SMALLEST_POSITIVE = float(torch.nextafter(torch.tensor(0.0), torch.tensor(1.0)))  # float32 subnormal
 
 
@@ -68,6 +69,13 @@ def quantize(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     Level g holds values in ``[edges[g-1], edges[g])``; a constant channel gets one level everywhere.
     """
     b, c, h, w = x.shape
+    if edges.shape[1] <= _COMPARE_MAX_EDGES:  # a few edges: counting comparisons beats a search per pixel
+        x = x.detach()
+        e = edges.to(x.dtype)
+        q = torch.zeros(x.shape, dtype=torch.int32, device=x.device)
+        for g in range(e.shape[1]):
+            q += x >= e[:, g].view(1, c, 1, 1)
+        return q  # (B, C, H, W): the number of edges <= a, as searchsorted(right=True)
     flat = x.detach().transpose(0, 1).reshape(c, b * h * w).contiguous()  # (C, B*H*W)
     q = torch.searchsorted(edges.to(flat.dtype).contiguous(), flat, right=True)  # (C, B*H*W)
     return q.reshape(c, b, h, w).transpose(0, 1)  # (B, C, H, W)
@@ -139,14 +147,13 @@ class RangeTracker:
         return top - LOG_DECADES * math.log(10.0), top
 
     def _update_log_hist(self, x: torch.Tensor) -> None:
-        c = x.shape[1]
-        flat = x.transpose(0, 1).reshape(c, -1).double()  # (C, B*H*W)
-        lo, top = self._log_range()
-        pos = flat > 0
-        frac = (flat.clamp_min(1e-300).log() - lo[:, None]) / (top - lo)[:, None]
-        bins = (frac * HIST_BINS).long().clamp_(0, HIST_BINS - 1)
-        idx = (bins + torch.arange(c, device=x.device)[:, None] * HIST_BINS)[pos]  # positives only
-        counts = torch.bincount(idx, minlength=c * HIST_BINS).view(c, HIST_BINS)
+        b, c, h, w = x.shape
+        lo, top = (v.float().to(x.device).view(1, c, 1, 1) for v in self._log_range())
+        scale = HIST_BINS / (top - lo).clamp_min(1e-12)
+        bins = ((x.clamp_min(1e-30).log() - lo) * scale).clamp_(0, HIST_BINS - 1).to(torch.int64)  # (B, C, H, W)
+        bins.masked_fill_(x <= 0, HIST_BINS)  # values <= 0 go to an extra bin, dropped below
+        bins += torch.arange(c, device=x.device).view(1, c, 1, 1) * (HIST_BINS + 1)
+        counts = torch.bincount(bins.flatten(), minlength=c * (HIST_BINS + 1)).view(c, HIST_BINS + 1)[:, :HIST_BINS]
         self.hist = counts if self.hist is None else self.hist + counts
 
     def _positive_quantiles(self, probs: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The criteria registry: activation scores computed here and torch-pruning's own importances.
 
 Activation criteria (``sae-mi``, ``sae-kernel-mi``, ``mi``, ``mi-full``, ``sae`` and the hybrids
-``sae-mi+l1``, ``sae-mi-x-act``) turn calibration images into per-channel scores of every conv
+``sae-mi+l1``, ``sae-mi-x-act``, ``sae-mi-x-usage``) turn calibration images into per-channel scores of every conv
 (higher = keep); the torch-pruning ones (``l1``, ``l2``, ``taylor``, ``bn-scale``, ``fpgm``,
 ``random``) are importances used as they are, so that every comparison runs through the same pruner.
 """
@@ -178,8 +178,8 @@ def compute_sae(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     for _, qs in _quantized_batches(ctx, "sae"):
         for name, q in qs.items():
             if _no_neighbours(ctx, name, q, "the entropy of the levels over the calibration set"):
-                ones = torch.zeros(q.shape[0], dtype=torch.long)
-                s = class_level_histograms(q, ones, num_classes=1, levels=ctx.levels)[0]  # (C, G, 1) counts
+                one_class = torch.zeros(q.shape[0], dtype=torch.long)
+                s = class_level_histograms(q, one_class, num_classes=1, levels=ctx.levels)[0]  # (C, G, 1) counts
             else:
                 s = per_image_sae(q, levels=ctx.levels, radius=ctx.radius).sum(dim=0)  # (C,)
             acc[name] = s if name not in acc else acc[name] + s
@@ -263,6 +263,46 @@ def compute_sae_mi_plus_l1(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     return {n: (rank_scores(s) + rank_scores(l1[n])) / 2 for n, s in rel.items()}
 
 
+def downstream_l1(model: nn.Module, example: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    """conv name -> (C_out,) L1 norm of the weights that read each output channel downstream.
+
+    torch-pruning's dependency graph gives, for the group of a conv's output channels, every conv or
+    linear whose *input* channels go with them (through BN, pooling, flatten, residual adds); their
+    weights' L1 norm per input channel is summed onto the conv's channels (``root_idxs``). A channel
+    no weight reads (e.g. a conv feeding only the model output) gets 1, which leaves the product alone.
+    """
+    import torch_pruning as tp
+    from torch_pruning.pruner import function as fn
+
+    reads = [(fn.prune_conv_in_channels, lambda w: w.abs().transpose(0, 1).flatten(1).sum(1)),  # (C_in,)
+             (fn.prune_linear_in_channels, lambda w: w.abs().sum(0))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    mods, out = dict(model.named_modules()), {}
+    for name in names:
+        conv = mods[name]
+        group = dg.get_pruning_group(conv, fn.prune_conv_out_channels, list(range(conv.out_channels)))
+        total = torch.zeros(conv.out_channels, dtype=torch.float64)
+        for i, (dep, idxs) in enumerate(group):
+            read = next((r for f, r in reads if dep.pruning_fn == f), None)
+            root = group[i].root_idxs
+            if read is None or any(r is None for r in root):
+                continue
+            per_in = read(dep.target.module.weight.detach().double().cpu())  # (C_in,)
+            total.scatter_add_(0, torch.as_tensor(root, dtype=torch.long), per_in[torch.as_tensor(idxs, dtype=torch.long)])
+        out[name] = torch.where(total > 0, total, torch.ones_like(total)).float()
+    return out
+
+
+def compute_sae_mi_x_usage(ctx: ScoringContext) -> dict[str, torch.Tensor]:
+    """sae-mi (bits) x mean |activation| x the L1 norm of the downstream weights that read the channel:
+    relevance x how much of the channel reaches the next layers."""
+    rel = compute_sae_mi(ctx)
+    down = downstream_l1(ctx.model, ctx.images[:1].to(ctx.device), list(rel))
+    return {n: s * ctx.stats[n].mean_abs() * down[n] for n, s in rel.items()}
+
+
 def compute_sae_mi_x_act(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     """sae-mi (bits) x the channel's mean |activation| at the tap (its usage), from the same pass."""
     rel = compute_sae_mi(ctx)
@@ -310,5 +350,8 @@ CRITERIA.add("sae-mi+l1", Criterion("sae-mi+l1", "activation", needs_labels=True
              help="hybrid: per-layer rank average of sae-mi and the filter L1 norm")
 CRITERIA.add("sae-mi-x-act", Criterion("sae-mi-x-act", "activation", needs_labels=True, compute=compute_sae_mi_x_act,
                                        sae_family=True),
-             help="hybrid: sae-mi x the channel's mean |activation| (relevance x usage)")
+             help="hybrid: sae-mi x the channel's mean |activation|")
+CRITERIA.add("sae-mi-x-usage", Criterion("sae-mi-x-usage", "activation", needs_labels=True,
+                                         compute=compute_sae_mi_x_usage, sae_family=True),
+             help="hybrid: sae-mi x mean |activation| x L1 norm of the downstream weights reading the channel")
 _register_builtin()
