@@ -356,7 +356,38 @@ def table(cells: list[dict], title: str, header: list[str], wanted: list[str], c
                              f"{_ms(pick('drop_pt'), '.2f')} | {_ms(pick('top1_before_finetune', 100), '.1f')} | "
                              f"{_ms(pick('macs_reduction'), '.2f')} | {_ms(pick('scoring_s'), '.2f')} |")
         lines += [""] + paired_table(rows) + [""] + goals(rows, compare) + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + summary(cells))
+
+
+def summary(cells: list[dict]) -> list[str]:
+    """Every SAE variant over all (model, target) cells: the mean of its per-cell paired differences to the
+    best non-SAE criterion and to random, and in how many cells it is >= the best non-SAE."""
+    per: dict[str, list[tuple[dict | None, dict | None]]] = {}
+    for model in sorted({c["model"] for c in cells}):
+        rows = [c for c in cells if c["model"] == model]
+        for tgt in sorted({c["target_macs_reduction"] for c in rows}):
+            best = best_baseline(rows, tgt)
+            for label in _order([c for c in rows if "sae" in c["criterion"]], []):
+                mine = _by_seed(rows, label, tgt)
+                if mine:
+                    per.setdefault(label, []).append(
+                        (paired_diff(mine, _by_seed(rows, best, tgt)) if best else None,
+                         paired_diff(mine, _by_seed(rows, "random", tgt))))
+    if not per:
+        return []
+    out = ["## Summary over models and targets", "",
+           "| SAE variant | cells | mean paired vs best non-SAE (pt) | cells >= best non-SAE | mean paired vs random (pt) |",
+           "|---|---|---|---|---|"]
+    for label, ds in sorted(per.items(), key=lambda kv: -mean_sd([d["mean"] for d, _ in kv[1] if d])[0]
+                            if any(d for d, _ in kv[1]) else 0.0):
+        vb = [d["mean"] for d, _ in ds if d]
+        vr = [r["mean"] for _, r in ds if r]
+        out.append(f"| {label} | {len(ds)} | {_fmt_mean(vb)} | {sum(v >= 0 for v in vb)}/{len(vb)} | {_fmt_mean(vr)} |")
+    return out + [""]
+
+
+def _fmt_mean(vals: list[float]) -> str:
+    return f"{mean_sd(vals)[0]:+.2f}" if vals else "-"
 
 
 def _by_seed(rows: list[dict], label: str, tgt: float) -> dict[int, float]:

@@ -66,6 +66,9 @@ def test_goal_checks_pair_by_seed_against_best_non_sae_and_random():
     # +0.97 pt over random on average, but random's seed sd is 1.53 pt: not separated
     assert [ok for text, ok in checks if "> random" in text] == [False]
     assert [ok for text, ok in checks if "drop" in text] == [True]  # 0.2 pt <= 0.5 pt
+    summary = "\n".join(pq.summary(rows + _cells("vgg", "sae", [0.92, 0.92, 0.92])))
+    assert "| sae-mi | 1 | +0.20 | 1/1 | +0.97 |" in summary  # the best variant first
+    assert summary.index("| sae-mi |") < summary.index("| sae |")
     rows = [c for c in rows if c["criterion"] != "random"] + _cells("vgg", "random", [0.915, 0.916, 0.914])
     assert [ok for text, ok in pq.goal_checks(rows, "sae-mi") if "> random" in text] == [True]
     table = "\n".join(pq.paired_table(rows))
