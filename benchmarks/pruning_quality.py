@@ -489,6 +489,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                  f"{SCREEN.train_limit})")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table from the cells of this budget; run nothing")
     return ap.parse_args(argv)
 
 
@@ -527,6 +528,9 @@ def main(argv=None) -> None:
     name = "pruning_quality_quick" if args.quick else "pruning_screen" if args.screen else "pruning_quality"
     cell_dir = RESULTS / name / budget.tag()
     cell_dir.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        write_table(cell_dir, name, budget, [v.label for v in variants], compare, argv)
+        return
     print(f"cells in {cell_dir}; {len(models) * len(variants) * len(targets) * len(seeds)} planned", flush=True)
     data = load_data(budget)
     for model_name in models:
