@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shlex
 import statistics
@@ -84,7 +85,7 @@ def get_model(arch: str, *, train: TensorData, epochs: int) -> tuple[nn.Module, 
         model.load_state_dict(load_file(str(BUNDLED_WEIGHTS)))
         return model.eval(), f"bundled {BUNDLED_WEIGHTS.name}"
     if arch in PQ_BASELINES:
-        name, ep = PQ_BASELINES[arch]
+        _, ep = PQ_BASELINES[arch]
         path = RESULTS / "baselines" / f"{arch}-e{ep:g}.safetensors"
         if path.is_file():
             model.load_state_dict(load_file(str(path)))
@@ -131,7 +132,7 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def spearman(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """Mean over layers of the per-layer Spearman correlation (layers constant in either are skipped)."""
-    vals = [v for k in a if k in b for v in [_spearman(a[k], b[k])] if v == v]
+    vals = [v for k in a if k in b for v in [_spearman(a[k], b[k])] if not math.isnan(v)]
     return float(sum(vals) / len(vals)) if vals else float("nan")
 
 
@@ -263,12 +264,12 @@ def bench_model(model, train, test, *, variants, sizes, repeats, skip, stab_n, p
 
 
 def _fmt(v, nd=3):
-    return "-" if v is None or v != v else f"{v:.{nd}f}"
+    return "-" if v is None or math.isnan(v) else f"{v:.{nd}f}"
 
 
 def _pm(vals, nd=3) -> str:
     m, s = mean_sd(vals)
-    return "-" if m != m else f"{m:.{nd}f} ± {s:.{nd}f}"
+    return "-" if math.isnan(m) else f"{m:.{nd}f} ± {s:.{nd}f}"
 
 
 def _median(seconds: dict, n: int):
@@ -334,9 +335,8 @@ def diagnostic_table(arch: str, diag: dict) -> list[str]:
         lines.append(f"| {layer} | {row['channels']} | " + " | ".join(cells) + " |")
     means = []
     for c in crits:
-        l1 = [row["criteria"][c]["l1"] for row in diag.values() if row["criteria"][c]["l1"] == row["criteria"][c]["l1"]]
-        tl = [row["criteria"][c]["tail"] for row in diag.values()
-              if row["criteria"][c]["tail"] == row["criteria"][c]["tail"]]
+        l1 = [row["criteria"][c]["l1"] for row in diag.values() if not math.isnan(row["criteria"][c]["l1"])]
+        tl = [row["criteria"][c]["tail"] for row in diag.values() if not math.isnan(row["criteria"][c]["tail"])]
         means.append(f"{_fmt(mean_sd(l1)[0], 2)} / {_fmt(mean_sd(tl)[0], 2)}")
     return lines + ["| mean | | " + " | ".join(means) + " |", ""]
 
