@@ -34,9 +34,9 @@ class ActivationStats:
 
     def update(self, x: torch.Tensor) -> None:
         """Feed a (B, C, H, W) batch."""
-        x = x.detach().double()
-        m = x.mean(dim=(2, 3))  # (B, C) spatial means
-        abs_sum = x.abs().sum(dim=(0, 2, 3))  # (C,)
+        x = x.detach()
+        m = x.float().mean(dim=(2, 3)).double()  # (B, C) spatial means
+        abs_sum = x.abs().sum(dim=(0, 2, 3), dtype=torch.float64)  # (C,)
         if self.abs_sum is None:
             self.abs_sum, self.m_sum, self.mm_sum = abs_sum, m.sum(0), m.T @ m
         else:
