@@ -80,3 +80,59 @@ def fmnist_vgg(num_classes: int = 10, in_channels: int = 1, **kw) -> FmnistCNN:
     """A wider VGG-style variant for the benchmarks."""
     kw.setdefault("widths", (64, 128, 256))
     return FmnistCNN(num_classes=num_classes, in_channels=in_channels, **kw)
+
+
+def _conv_bn_act(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if act else nn.Sequential(*layers)
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand (skipped when ``expand`` is 1), 3x3 depthwise, linear 1x1 project;
+    the input is added back when the shape is kept."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers = [_conv_bn_act(cin, hidden, 1)] if expand != 1 else []
+        layers += [_conv_bn_act(hidden, hidden, 3, stride, groups=hidden), _conv_bn_act(hidden, cout, 1, act=False)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return x + y if self.residual else y
+
+
+class FmnistMobileNet(nn.Module):
+    """A small MobileNetV2-style CNN for 28x28 inputs (depthwise-separable inverted residuals, ReLU6).
+
+    A stride-2 stem (28 -> 14, as in MobileNet), then ``widths`` are the block output widths: the
+    first two at 14x14, the third at 7x7; the head is a 1x1 conv to ``head`` channels. About 24 M
+    MACs at 1x28x28 with the defaults.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, int, int] = (32, 64, 128),
+                 expand: int = 4, head: int = 512):
+        super().__init__()
+        w1, w2, w3 = widths
+        self.stem = _conv_bn_act(in_channels, w1, 3, stride=2)  # (B, w1, H/2, W/2)
+        self.blocks = nn.Sequential(
+            _InvertedResidual(w1, w1, 1, 1),  # depthwise + project, residual
+            _InvertedResidual(w1, w2, 1, expand),
+            _InvertedResidual(w2, w2, 1, expand),  # residual
+            _InvertedResidual(w2, w3, 2, expand),  # -> H/4
+            _InvertedResidual(w3, w3, 1, expand),  # residual
+        )
+        self.head = _conv_bn_act(w3, head, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(0.2)
+        self.classifier = nn.Linear(head, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.blocks(self.stem(x)))  # (B, head, H/4, W/4)
+        return self.classifier(self.dropout(self.pool(x).flatten(1)))
+
+
+def fmnist_mobilenet(num_classes: int = 10, in_channels: int = 1, **kw) -> FmnistMobileNet:
+    return FmnistMobileNet(num_classes=num_classes, in_channels=in_channels, **kw)
