@@ -1,6 +1,6 @@
 """Filter scoring: SAE-stabilized MI (default), kernel MI baseline, and torch-pruning importances.
 
-Definitions: ``design/scoring.md``. Entry points: :func:`score_model` (per-channel scores of every
+Definitions: ``docs/scoring.md``. Entry points: :func:`score_model` (per-channel scores of every
 conv from calibration data), :func:`make_importance` (a torch-pruning importance for a criterion),
 and :data:`CRITERIA` (the registry; ``CRITERIA.names()`` lists everything).
 """

@@ -1,6 +1,6 @@
 """Gray-level quantization, aura matrices and spatial aura entropy (SAE), vectorized with torch.
 
-Definitions follow ``design/scoring.md``: a map is quantized into ``G`` levels with per-channel
+Definitions follow ``docs/scoring.md``: a map is quantized into ``G`` levels with per-channel
 ``lo``/``hi`` taken over the calibration set; the aura matrix counts ordered pairs of pixels
 ``(s, t)`` at Chebyshev distance ``1..r`` inside the map (no padding) with levels ``(q(s), q(t))``;
 SAE is the Shannon entropy (bits) of the normalized aura matrix.

@@ -1,6 +1,6 @@
 """Where each conv's output is consumed, and streaming passes that capture it batch by batch.
 
-Choice (design/scoring.md leaves the mechanism open): one probe forward pass on two images
+Choice (docs/scoring.md leaves the mechanism open): one probe forward pass on two images
 records every leaf module call in execution order with the identity of its input and output
 tensors. For each ``Conv2d`` we follow the data flow: if the conv output is the input of a
 ``BatchNorm2d`` the map moves there, and if that output is the input of an activation module

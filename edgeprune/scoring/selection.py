@@ -1,7 +1,7 @@
 """Redundancy-aware selection within a layer, and the activation statistics it needs.
 
 Relevance alone ignores redundancy: two channels that carry the same information both score high
-(design/scoring.md). ``greedy`` selection orders a layer's channels greedily: the next channel is
+(docs/scoring.md). ``greedy`` selection orders a layer's channels greedily: the next channel is
 the one maximizing ``relevance - lambda * redundancy``, where relevance is the criterion's score
 divided by the layer's largest (so lambda is unit-free) and redundancy is the largest (``max``) or
 mean (``mean``) absolute Pearson correlation with the channels already picked. Correlations are
