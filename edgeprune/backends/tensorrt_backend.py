@@ -54,7 +54,7 @@ def cuda_call(result: Any) -> Any:
     err, *values = result if isinstance(result, tuple) else (result,)
     code = int(getattr(err, "value", err))
     if code != 0:
-        raise CompileError(f"CUDA runtime call failed: {err} (code {code})")
+        raise CompileError(f"CUDA runtime call failed: {getattr(err, 'name', err)} (code {code})")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
