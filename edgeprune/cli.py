@@ -8,7 +8,10 @@ import sys
 import typer
 
 from . import commands, guard
-from .errors import EdgePruneError
+from .errors import BackendUnavailableError, EdgePruneError
+
+# Packages of the [host] extra: the build machine's, absent from a box installed with a box-* extra.
+HOST_PACKAGES = ("torch", "torchvision", "torch_pruning", "onnxscript", "safetensors", "PIL", "matplotlib")
 
 app = typer.Typer(
     name="edgeprune",
@@ -52,5 +55,20 @@ def main() -> None:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the top-level guard: one line, the traceback in a file
+        missing = _missing_host_package(exc)
+        if missing is not None:
+            typer.secho(f"error: {missing}", fg=typer.colors.RED, err=True)
+            sys.exit(missing.exit_code)
         typer.secho(f"error: {guard.crash_line(exc)}", fg=typer.colors.RED, err=True)
         sys.exit(guard.EXIT_CODE)
+
+
+def _missing_host_package(exc: Exception) -> BackendUnavailableError | None:
+    """A build-machine package missing on a box install (box-* extras) -> a clear error, else None."""
+    name = getattr(exc, "name", None) or ""
+    if not isinstance(exc, ModuleNotFoundError) or name.split(".")[0] not in HOST_PACKAGES:
+        return None
+    return BackendUnavailableError(
+        f"{_command_name(sys.argv[1:])} needs {name}, which is not installed: this looks like a box install "
+        "(the box-* extras have no PyTorch and run `edgeprune remote-worker` and `doctor`)",
+        hint='pip install "edgeprune[all]" on the build machine (bash scripts/setup.sh does)')

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .backends.base import run_batched  # noqa: F401 - re-exported: torch-free home for the box
 from .errors import ExportError
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -78,18 +79,6 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> Parity:
 def torch_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     model = model.eval().cpu()
     return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]).numpy()
-
-
-def run_batched(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Run a runner over (N, C, H, W) in batches of ``batch_size`` (the last one padded if needed)."""
-    outs = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i : i + batch_size]
-        n = len(chunk)
-        if n < batch_size:  # static-batch artifacts need full batches
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        outs.append(np.asarray(fn(np.ascontiguousarray(chunk, dtype=np.float32)))[:n])
-    return np.concatenate(outs)
 
 
 def onnx_parity(path: Path, model: nn.Module, images: torch.Tensor, *, max_rel_diff: float = 1e-3,

@@ -71,8 +71,8 @@ def _one_precision(job_dir: Path, onnx_path: Path, *, target: Any, precision: An
     import time
 
     from .backends import get_backend
+    from .backends.base import run_batched  # not .export: that imports torch, absent on the box
     from .bench import bench_artifact
-    from .export import run_batched
 
     backend = get_backend(target.backend.value)
     out_dir = job_dir / "artifacts" / precision.value

@@ -16,6 +16,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 if [ "$extra" = "dev" ] && [ "$(id -u)" -eq 0 ]; then mkdir -p /run/sshd && chmod 0755 /run/sshd; fi
-# torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1)
+# torch/torchvision are pinned in pyproject.toml's [host] extra (2.14.1 / 0.29.1), part of [all] and [dev]
 python3 -m pip install -q --disable-pip-version-check -e ".[${extra}]"
 echo "edgeprune $(python3 -c 'import edgeprune; print(edgeprune.__version__)') ready ($extra)"

@@ -19,7 +19,7 @@ DOCKER = ROOT / "docker"
 EXPECTED = {
     "Dockerfile.cpu": ("onnxruntime", ("openvino", "tensorrt")),
     "Dockerfile.openvino": ("openvino", ("tensorrt",)),
-    "Dockerfile.jetson": ("onnxruntime", ("openvino", "tensorrt")),
+    "Dockerfile.jetson": ("box-tensorrt", ("openvino", "torch")),  # TensorRT from JetPack, no PyTorch
 }
 
 

@@ -211,3 +211,15 @@ def run_in_batches(infer: Callable[[np.ndarray], np.ndarray], x: np.ndarray, fix
             chunk = np.concatenate([chunk, pad])  # (fixed_batch, C, H, W)
         outs.append(np.asarray(infer(chunk), dtype=np.float32)[:n])
     return np.concatenate(outs)  # (N, K)
+
+
+def run_batched(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Run a runner over (N, C, H, W) in batches of ``batch_size`` (the last one padded if needed)."""
+    outs = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        n = len(chunk)
+        if n < batch_size:  # static-batch artifacts need full batches
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+        outs.append(np.asarray(fn(np.ascontiguousarray(chunk, dtype=np.float32)))[:n])
+    return np.concatenate(outs)

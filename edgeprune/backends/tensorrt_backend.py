@@ -8,7 +8,9 @@ Target ``device``: ``GPU`` (or ``GPU:n``) or ``DLA:n`` (a Jetson deep-learning a
 with GPU fallback for layers DLA lacks). Target options: ``int8_mode`` (qdq: explicit QDQ ONNX from
 the ONNX Runtime quantizer, the default; calibrator: IInt8EntropyCalibrator2 with a cache file),
 ``workspace_mb`` (default 1024), ``calibration_batch`` (default 8), ``min_calibration``.
-Buffers live in torch CUDA tensors, so no pycuda/cuda-python is needed.
+Device buffers are managed with cuda-python's runtime API (``cuda.bindings.runtime``, or
+``cuda.cudart`` before cuda-python 12.6), so the box needs no PyTorch: ``pip install
+edgeprune[box-tensorrt]`` on top of TensorRT (JetPack ships it; elsewhere ``pip install tensorrt``).
 """
 from __future__ import annotations
 
@@ -30,12 +32,109 @@ def _trt():
     return require("tensorrt", backend="tensorrt", package="tensorrt")
 
 
-def _cuda_ok() -> tuple[bool, str]:
-    import torch
+def _cudart():
+    """cuda-python's runtime API module; imported lazily (the build machine may lack it)."""
+    try:
+        from cuda.bindings import runtime  # cuda-python >= 12.6
 
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU (torch.cuda.is_available() is False)"
+        return runtime
+    except ImportError:
+        pass
+    try:
+        from cuda import cudart  # older cuda-python
+
+        return cudart
+    except ImportError as exc:
+        raise BackendUnavailableError("TensorRT backend needs cuda-python for device buffers, which is not installed",
+                                      hint="pip install cuda-python (or edgeprune[box-tensorrt])") from exc
+
+
+def cuda_call(result: Any) -> Any:
+    """cuda-python returns ``(error, *values)``: raise on an error, else return the value(s)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    code = int(getattr(err, "value", err))
+    if code != 0:
+        raise CompileError(f"CUDA runtime call failed: {getattr(err, 'name', err)} (code {code})")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _cuda_ok() -> tuple[bool, str]:
+    try:
+        rt = _cudart()
+    except BackendUnavailableError:
+        return False, "cuda-python not installed (pip install cuda-python)"
+    try:
+        count = cuda_call(rt.cudaGetDeviceCount())
+    except CompileError as exc:
+        return False, f"no CUDA GPU ({exc})"
+    if not count:
+        return False, "no CUDA GPU (cudaGetDeviceCount() is 0)"
     return True, ""
+
+
+def _gpu_name(index: int = 0) -> str:
+    prop = cuda_call(_cudart().cudaGetDeviceProperties(index))
+    name = prop.name
+    return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).rstrip("\x00")
+
+
+class DeviceBuffers:
+    """Device memory per named tensor on one CUDA stream: grown on demand, reused across calls.
+
+    ``rt`` is cuda-python's runtime module (a fake in the unit tests).
+    """
+
+    def __init__(self, rt: Any) -> None:
+        self.rt = rt
+        self.stream = cuda_call(rt.cudaStreamCreate())
+        self._alloc: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+        self._staged: Optional[np.ndarray] = None  # host source of an upload in flight
+
+    def ensure(self, name: str, nbytes: int) -> int:
+        """A device pointer with room for ``nbytes`` under ``name`` (reallocated only to grow)."""
+        ptr, size = self._alloc.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                cuda_call(self.rt.cudaFree(ptr))
+            ptr = int(cuda_call(self.rt.cudaMalloc(max(nbytes, 1))))
+            self._alloc[name] = (ptr, nbytes)
+        return ptr
+
+    def upload(self, name: str, host: np.ndarray) -> int:
+        host = np.ascontiguousarray(host)
+        ptr = self.ensure(name, host.nbytes)
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        cuda_call(self.rt.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind, self.stream))
+        self._staged = host  # keep the source alive until the stream synchronizes
+        return ptr
+
+    def download(self, name: str, host: np.ndarray) -> np.ndarray:
+        ptr, size = self._alloc[name]
+        if host.nbytes > size:
+            raise CompileError(f"output {name!r} needs {host.nbytes} bytes; its device buffer has {size}")
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        cuda_call(self.rt.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, self.stream))
+        return host
+
+    def synchronize(self) -> None:
+        cuda_call(self.rt.cudaStreamSynchronize(self.stream))
+        self._staged = None
+
+    def close(self) -> None:
+        for ptr, _ in self._alloc.values():
+            cuda_call(self.rt.cudaFree(ptr))
+        self._alloc.clear()
+        if self.stream is not None:
+            cuda_call(self.rt.cudaStreamDestroy(self.stream))
+            self.stream = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the driver frees what is left
+            pass
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -51,29 +150,19 @@ def _logger():
     return trt.Logger(trt.Logger.WARNING)
 
 
-def _torch_dtype(trt_dtype: Any):
-    import torch
-
-    trt = _trt()
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int8: torch.int8}
-    return table[trt_dtype]
-
-
 class EntropyCalibrator:
     """Factory for an IInt8EntropyCalibrator2 over a calibration array, with a cache file."""
 
     @staticmethod
     def make(x: np.ndarray, *, batch: int, cache: Path):
-        import torch
-
         trt = _trt()
+        buffers = DeviceBuffers(_cudart())
 
         class _Calibrator(trt.IInt8EntropyCalibrator2):
             def __init__(self) -> None:
                 super().__init__()
                 self._chunks = list(cal.batches(x, batch))  # each (batch, C, H, W)
                 self._i = 0
-                self._buf: Optional[torch.Tensor] = None
 
             def get_batch_size(self) -> int:
                 return batch
@@ -81,9 +170,10 @@ class EntropyCalibrator:
             def get_batch(self, names):  # noqa: ANN001 - TensorRT signature
                 if self._i >= len(self._chunks):
                     return None
-                self._buf = torch.from_numpy(self._chunks[self._i]).cuda().contiguous()
+                ptr = buffers.upload("calibration", self._chunks[self._i].astype(np.float32))
+                buffers.synchronize()
                 self._i += 1
-                return [int(self._buf.data_ptr())]
+                return [ptr]
 
             def read_calibration_cache(self):
                 return cache.read_bytes() if cache.is_file() else None
@@ -121,9 +211,7 @@ class TensorRTBackend(Backend):
         ok, _ = self.available()
         if not ok:
             return []
-        import torch
-
-        gpus = [f"GPU:{i}" for i in range(torch.cuda.device_count())]
+        gpus = [f"GPU:{i}" for i in range(cuda_call(_cudart().cudaGetDeviceCount()))]
         builder = _trt().Builder(_logger())
         dla = [f"DLA:{i}" for i in range(builder.num_DLA_cores)]
         return ["GPU", *gpus, *dla]
@@ -179,8 +267,6 @@ class TensorRTBackend(Backend):
 
     def _build(self, src: Path, engine_path: Path, *, target: TargetConfig, precision: Precision, input_name: str,
                dims: list[Optional[int]], calibrator: Any) -> dict[str, Any]:
-        import torch
-
         trt = _trt()
         logger = _logger()
         builder = trt.Builder(logger)
@@ -211,7 +297,7 @@ class TensorRTBackend(Backend):
         if serialized is None:
             raise CompileError(f"TensorRT failed to build an engine for {src} ({precision.value}, {target.device})")
         engine_path.write_bytes(bytes(serialized))
-        return {"tensorrt_version": trt.__version__, "gpu": torch.cuda.get_device_name(0),
+        return {"tensorrt_version": trt.__version__, "gpu": _gpu_name(0),
                 "workspace_mb": int(target.options.get("workspace_mb", 1024)),
                 "profile": self._profile_shapes(target, dims), "dla_core": index if kind == "DLA" else None}
 
@@ -234,8 +320,6 @@ class TensorRTBackend(Backend):
 
     # ------------------------------------------------------------------ load
     def load(self, artifact: CompiledArtifact, *, target: TargetConfig) -> Runner:
-        import torch
-
         self._require_runtime(target.device)
         trt = _trt()
         engine = trt.Runtime(_logger()).deserialize_cuda_engine(Path(artifact.path).read_bytes())
@@ -248,22 +332,24 @@ class TensorRTBackend(Backend):
         in_shape = list(engine.get_tensor_shape(inp))
         fixed = in_shape[0] if in_shape[0] > 0 else None
         max_batch = None if fixed else int(engine.get_tensor_profile_shape(inp, 0)[2][0])
-        stream = torch.cuda.Stream()
+        in_dtype, out_dtype = (np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in (inp, out))
+        buffers = DeviceBuffers(_cudart())
 
         def infer(x: np.ndarray) -> np.ndarray:
-            xin = torch.from_numpy(x).cuda().to(_torch_dtype(engine.get_tensor_dtype(inp))).contiguous()
-            context.set_input_shape(inp, tuple(xin.shape))
-            yout = torch.empty(tuple(context.get_tensor_shape(out)), dtype=_torch_dtype(engine.get_tensor_dtype(out)),
-                               device="cuda")
-            context.set_tensor_address(inp, int(xin.data_ptr()))
-            context.set_tensor_address(out, int(yout.data_ptr()))
-            if not context.execute_async_v3(stream.cuda_stream):
+            xin = np.ascontiguousarray(x, dtype=in_dtype)  # (B, C, H, W)
+            context.set_input_shape(inp, xin.shape)
+            yout = np.empty(tuple(context.get_tensor_shape(out)), dtype=out_dtype)  # (B, K)
+            context.set_tensor_address(inp, buffers.upload(inp, xin))
+            context.set_tensor_address(out, buffers.ensure(out, yout.nbytes))
+            if not context.execute_async_v3(int(buffers.stream)):
                 raise CompileError(f"TensorRT execution failed for {artifact.path}")
-            stream.synchronize()
-            return yout.float().cpu().numpy()
+            buffers.download(out, yout)
+            buffers.synchronize()
+            return yout.astype(np.float32, copy=False)
 
         def run(x: np.ndarray) -> np.ndarray:
             return run_in_batches(infer, x, fixed, max_batch)
 
         run.engine = engine  # type: ignore[attr-defined]
+        run.buffers = buffers  # type: ignore[attr-defined]  - freed with the runner
         return run
