@@ -24,17 +24,20 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, PruneError
+from .errors import EdgePruneError, ModelLoadError, PruneError
 from .safety import atomic_write
+from .watchdog import StageTimeout, time_budget
 
 PRUNED_JSON = "pruned.json"
 WEIGHTS_FILE = "model.safetensors"
-PRUNED_FORMAT = 1
+PRUNED_FORMAT = 2  # 2: + every state-dict shape and each module's structural attributes (exact rebuild)
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _MAX_TRIALS = 8
 _MAX_REFINE_LAYERS = 24  # local width search only where a move costs 2 x layers trials
 _MAX_REFINE_MOVES = 8
 _MIN_BRACKET = 0.02  # below this ratio width, rounding jumps dominate: mix the two ends per layer
+_MAX_BOUNDARIES = 4  # groups torch-pruning breaks on that are turned into unprunable boundaries, then retried
+TRACE_TIMEOUT_S = 60.0  # default budget for tracing + dependency-graph build (prune.trace_timeout_s)
 
 
 # ----------------------------------------------------------------------------- results
@@ -171,9 +174,169 @@ def resolve_ignored(model: nn.Module, example_inputs: torch.Tensor, ignore: Sequ
     return reasons
 
 
+def _split_feeders(dg: Any, names: dict[int, str]) -> dict[str, str]:
+    """Conv/linear layers whose channels reach a split/chunk/unbind: fixed sizes there, so left alone."""
+    import torch_pruning as tp
+
+    split_types = (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND)
+    out: dict[str, str] = {}
+    for node in list(dg.module2node.values()):
+        if node.type not in split_types:
+            continue
+        seen, queue = set(), list(node.inputs)
+        while queue:
+            n = queue.pop(0)
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            name = names.get(id(n.module))
+            if name and isinstance(n.module, _PRUNABLE):
+                out.setdefault(name, f"feeds a fixed-size split ({node.name})")
+            else:
+                queue.extend(n.inputs)
+    return out
+
+
+def _unmappable_roots(dg: Any, names: dict[int, str], skip: set, per_root_s: Optional[float]) -> dict[str, str]:
+    """Layers whose coupled group torch-pruning cannot map (it raises while building it): unprunable boundaries."""
+    out: dict[str, str] = {}
+    visited: set = set()
+    for module in list(dg.module2node):
+        name = names.get(id(module))
+        if not name or name in skip or module in visited or not isinstance(module, _PRUNABLE):
+            continue
+        pruner = dg.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            with time_budget(per_root_s, f"mapping the group of {name}"):
+                group = dg.get_pruning_group(module, pruner.prune_out_channels,
+                                             list(range(pruner.get_out_channels(module))))
+        except StageTimeout:
+            out[name] = f"torch-pruning does not finish mapping its group within {per_root_s:g} s"
+            continue
+        except Exception as exc:  # noqa: BLE001 - any torch-pruning failure makes it a boundary
+            out[name] = f"torch-pruning cannot map its channels ({type(exc).__name__})"
+            continue
+        visited.update(dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler))
+    return out
+
+
+def unprunable_layers(model: nn.Module, x: torch.Tensor, ignored: dict[str, str],
+                      timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> dict[str, str]:
+    """Layers left alone because torch-pruning would break on them: those feeding a fixed-size split, and
+    those whose coupled group it cannot map (unknown ops become boundaries instead of crashes)."""
+    dg = build_graph(model, x, timeout_s=timeout_s)
+    names = {id(m): n for n, m in model.named_modules() if n}
+    out = {k: v for k, v in _split_feeders(dg, names).items() if k not in ignored}
+    stage = f"checking which coupled groups of {type(model).__name__} torch-pruning can map"
+    with time_budget(timeout_s, stage):
+        per_root = None if not timeout_s else max(5.0, timeout_s / 6)
+        out.update(_unmappable_roots(dg, names, set(ignored) | set(out), per_root))
+    return out
+
+
 def _modules_by_name(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     mods = dict(model.named_modules())
     return [mods[n] for n in names]
+
+
+# ----------------------------------------------------------------------------- torch-pruning errors
+
+
+def _producers(node: Any, names: dict[int, str], limit: int = 3) -> list[str]:
+    """The nearest model layers that feed a torch-pruning op node (breadth-first up its inputs)."""
+    seen, queue, out = set(), list(getattr(node, "inputs", [])), []
+    while queue and len(out) < limit:
+        n = queue.pop(0)
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        name = names.get(id(getattr(n, "module", None)))
+        if name:
+            out.append(name)
+        else:
+            queue.extend(getattr(n, "inputs", []))
+    return out
+
+
+def _frame_culprit(values: list, names: dict[int, str]) -> tuple[Optional[str], Optional[str], list[str]]:
+    """(layer, op, layers feeding op) among one frame's locals: torch-pruning Nodes, Dependencies, modules."""
+    layer = op = None
+    feeds: list[str] = []
+    for value in values:
+        target = getattr(value, "target", None)
+        for cand in (value, target):
+            module = getattr(cand, "module", cand)
+            if not isinstance(module, nn.Module):
+                continue
+            if names.get(id(module)):
+                layer = layer or names[id(module)]
+            elif op is None and hasattr(cand, "inputs"):  # an op node (reshape, split, cat, ...) of the graph
+                op = str(getattr(cand, "name", None) or type(module).__name__)
+                feeds = _producers(cand, names)
+    return layer, op, feeds
+
+
+def culprit(exc: BaseException, model: nn.Module) -> tuple[Optional[str], Optional[str], list[str]]:
+    """Where torch-pruning was when it raised: (layer, op, layers feeding op) from the innermost frame that
+    holds one of ``model``'s modules or one of its graph's op nodes."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    found: tuple[Optional[str], Optional[str], list[str]] = (None, None, [])
+    tb = exc.__traceback__
+    while tb is not None:
+        hit = _frame_culprit(list(tb.tb_frame.f_locals.values()), names)
+        if hit[0] or hit[1]:
+            found = hit
+        tb = tb.tb_next
+    return found
+
+
+def tp_error(exc: BaseException, model: nn.Module, stage: str) -> PruneError:
+    """A PruneError for an exception from inside torch-pruning: the stage, the op/layer if known, and what to do."""
+    layer, op, feeds = culprit(exc, model)
+    where = ""
+    if op:
+        where = f" at operation {op}" + (f" (fed by {', '.join(feeds)})" if feeds else "")
+    elif layer:
+        where = f" at layer {layer} ({type(model.get_submodule(layer)).__name__})"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    todo = [f"leave it alone with {' '.join('--ignore ' + n for n in (feeds if op else [layer]))}"] \
+        if (feeds if op else layer) else []
+    todo.append("prune less (a smaller ratio or target)")
+    todo.append("if the operation is unsupported by torch-pruning, --ignore the layers that feed it "
+                "(`edgeprune inspect` lists groups and layers)")
+    return PruneError(f"torch-pruning cannot handle {type(model).__name__} (while {stage}){where}: "
+                      f"{type(exc).__name__}: {first}", hint="; or ".join(todo))
+
+
+def _failing_root(exc: BaseException, model: nn.Module) -> Optional[str]:
+    """The root layer of the torch-pruning Group being built or pruned when ``exc`` was raised."""
+    from torch_pruning.dependency.group import Group
+
+    names = {id(m): n for n, m in model.named_modules() if n}
+    root, tb = None, exc.__traceback__
+    while tb is not None:
+        for value in list(tb.tb_frame.f_locals.values()):
+            if isinstance(value, Group) and len(value) > 0:
+                root = names.get(id(value[0].dep.target.module), root)
+        tb = tb.tb_next
+    return root
+
+
+def build_graph(model: nn.Module, x: torch.Tensor, *, timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> Any:
+    """torch-pruning's DependencyGraph of ``model`` on ``x``, within a time budget; failures as PruneError."""
+    import torch_pruning as tp
+
+    with warnings.catch_warnings(), time_budget(timeout_s, f"tracing {type(model).__name__} and building its "
+                                                           "dependency graph"):
+        warnings.simplefilter("ignore")
+        try:
+            return tp.DependencyGraph().build_dependency(model, example_inputs=x)
+        except EdgePruneError:
+            raise
+        except Exception as exc:  # torch-pruning raises plain exceptions on graphs it cannot map
+            raise tp_error(exc, model, "tracing") from exc
 
 
 # ----------------------------------------------------------------------------- importance
@@ -207,6 +370,7 @@ class _Settings:
     iterative_steps: int
     ignored: dict[str, str]
     before_step: Optional[Callable[[nn.Module, int], object]]
+    trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S
 
 
 @dataclass
@@ -255,7 +419,8 @@ def _build_pruner(model: nn.Module, x: torch.Tensor, importance: Any, ratio: flo
     if layer_ratios:
         mods = dict(model.named_modules())
         ratio_dict = {mods[n]: r for n, r in layer_ratios.items()}
-    with warnings.catch_warnings():
+    stage = f"tracing {type(model).__name__} and building its dependency graph (pruner setup)"
+    with warnings.catch_warnings(), time_budget(s.trace_timeout_s, stage):
         warnings.simplefilter("ignore")  # unwrapped-parameter notices; inspect reports them
         try:
             return _pruner_class()(
@@ -265,9 +430,10 @@ def _build_pruner(model: nn.Module, x: torch.Tensor, importance: Any, ratio: flo
                 iterative_steps=s.iterative_steps, ignored_layers=_modules_by_name(model, list(s.ignored)),
                 round_to=s.round_to,
             )
+        except EdgePruneError:
+            raise
         except Exception as exc:  # torch-pruning raises plain exceptions on untraceable graphs
-            raise PruneError(f"torch-pruning cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}",
-                             hint="run `edgeprune inspect` on the model; add the failing layer to ignore") from exc
+            raise tp_error(exc, model, "tracing") from exc
 
 
 def _min_keep(init: int, current: int, s: _Settings) -> int:
@@ -318,7 +484,14 @@ def _trial(model: nn.Module, x: torch.Tensor, importance: Any, ratio: float, s: 
     """Prune a deep copy of ``model`` at ``ratio`` (``layer_ratios``: name -> ratio overrides) and measure it."""
     pruned = copy.deepcopy(model).eval()
     pruner = _build_pruner(pruned, x, importance, ratio, s, layer_ratios)
-    steps = _run_steps(pruner, pruned, x, ratio, s)
+    try:
+        steps = _run_steps(pruner, pruned, x, ratio, s)
+    except EdgePruneError:
+        raise
+    except Exception as exc:  # an index or shape error inside torch-pruning while removing channels
+        err = tp_error(exc, pruned, f"pruning at ratio {ratio:.3f}")
+        err.group_root = _failing_root(exc, pruned)
+        raise err from exc
     _forward(pruned, x, f"the model pruned at ratio {ratio:.3f}")
     return _Trial(pruned, ratio, steps[-1]["macs"], steps[-1]["params"], steps)
 
@@ -445,13 +618,10 @@ def _refine(model: nn.Module, x: torch.Tensor, importance: Any, target: _Target,
 # ----------------------------------------------------------------------------- per-layer rows
 
 
-def _skip_reasons(model: nn.Module, x: torch.Tensor, ignored: dict[str, str]) -> dict[str, str]:
+def _skip_reasons(model: nn.Module, x: torch.Tensor, ignored: dict[str, str],
+                  trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> dict[str, str]:
     """Why each conv/linear that cannot change is left alone: ignored, coupled to an ignored layer, untraced."""
-    import torch_pruning as tp
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    dg = build_graph(model, x, timeout_s=trace_timeout_s)
     names = {m: n for n, m in model.named_modules()}
     reasons = dict(ignored)
     for n, m in model.named_modules():
@@ -520,26 +690,32 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, importance: Any,
                 global_ranking: bool = False, iterative_steps: int = 1, ignore: Sequence[str] = (),
                 tolerance: float = 0.02, scores: Optional[dict[str, torch.Tensor]] = None,
                 before_step: Optional[Callable[[nn.Module, int], object]] = None,
-                progress: bool = True) -> PruneResult:
+                progress: bool = True, trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> PruneResult:
     """Prune a copy of ``model`` with torch-pruning; ``model`` itself is left untouched.
 
     ``ratio`` (fixed channel ratio) wins over a target; a params target wins over the MACs target.
     ``importance`` is any ``torch_pruning.importance.Importance``. ``before_step(model, step)`` runs
     before each iterative step on the model being pruned (re-scoring, ``loss.backward()`` for Taylor).
+    Tracing and each dependency-graph build stop after ``trace_timeout_s`` (None: no limit); every
+    exception from torch-pruning comes out as a PruneError naming the stage and, if found, the layer.
     """
     ignored = resolve_ignored(model, example_inputs, ignore)  # also checks that the model runs on the input
+    ignored.update(unprunable_layers(model, example_inputs, ignored, trace_timeout_s))
     macs0, params0 = count_macs_params(model, example_inputs)
     target = _choose_target(target_macs_reduction, target_params_reduction, tolerance, macs0, params0)
     _check_args(ratio, target, round_to, max_layer_ratio, iterative_steps)
-    s = _Settings(round_to, max_layer_ratio, global_ranking, iterative_steps, ignored, before_step)
-    if ratio is not None:
-        best, target = _trial(model, example_inputs, importance, ratio, s), None
-    else:
-        best = _search(model, example_inputs, importance, target, s, progress)
-        if not target.met(best):
-            best = _refine(model, example_inputs, importance, target, s, best)
+    s = _Settings(round_to, max_layer_ratio, global_ranking, iterative_steps, ignored, before_step, trace_timeout_s)
+    for attempt in range(_MAX_BOUNDARIES + 1):
+        try:
+            best, target = _prune_to(model, example_inputs, importance, ratio, target, s, progress)
+            break
+        except PruneError as exc:  # a group torch-pruning breaks on becomes an unprunable boundary, then retry
+            root = getattr(exc, "group_root", None)
+            if root is None or root in s.ignored or attempt == _MAX_BOUNDARIES:
+                raise
+            s.ignored[root] = f"torch-pruning failed on its group ({exc.message.rpartition(': ')[0][-80:]})"
     plan = channel_plan(best.model)
-    rows = _layer_rows(channel_plan(model), plan, _skip_reasons(model, example_inputs, ignored), scores)
+    rows = _layer_rows(channel_plan(model), plan, _skip_reasons(model, example_inputs, ignored, trace_timeout_s), scores)
     result = PruneResult(best.model, macs0, best.macs, params0, best.params, plan, rows, best.steps, best.ratio,
                          None if target is None else {"metric": target.metric, "reduction": target.reduction,
                                                       "tolerance": target.tolerance},
@@ -547,6 +723,16 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, importance: Any,
     if target is not None and not result.target_met:
         _raise_or_warn_unmet(target, best, s)
     return result
+
+
+def _prune_to(model: nn.Module, x: torch.Tensor, importance: Any, ratio: Optional[float],
+              target: Optional[_Target], s: _Settings, progress: bool) -> tuple[_Trial, Optional[_Target]]:
+    if ratio is not None:
+        return _trial(model, x, importance, ratio, s), None
+    best = _search(model, x, importance, target, s, progress)
+    if not target.met(best):
+        best = _refine(model, x, importance, target, s, best)
+    return best, target
 
 
 def _raise_or_warn_unmet(target: _Target, best: _Trial, s: _Settings) -> None:
@@ -565,13 +751,15 @@ def _raise_or_warn_unmet(target: _Target, best: _Trial, s: _Settings) -> None:
 
 def save_pruned(model: nn.Module, out_dir: Path, *, arch: str, model_kwargs: dict, num_classes: int,
                 in_channels: int, input_shape: tuple) -> Path:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/pruned.json`` (arch reference + channel plan). No pickle."""
+    """Write ``out_dir/model.safetensors`` and ``out_dir/pruned.json``: arch reference, channel plan, every
+    state-dict shape and each module's integer attributes (channels, groups, split sizes). No pickle."""
     from .models import save_safetensors
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"format": PRUNED_FORMAT, "arch": arch, "model_kwargs": dict(model_kwargs), "num_classes": num_classes,
-            "in_channels": in_channels, "input_shape": list(input_shape), "plan": channel_plan(model)}
+            "in_channels": in_channels, "input_shape": list(input_shape), "plan": channel_plan(model),
+            "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}, "attrs": structural_attrs(model)}
     save_safetensors(model, out_dir / WEIGHTS_FILE, metadata={"edgeprune": "pruned", "arch": arch})
     atomic_write(out_dir / PRUNED_JSON, json.dumps(meta, indent=1))
     return out_dir
@@ -614,8 +802,57 @@ def apply_plan(model: nn.Module, example_inputs: torch.Tensor, plan: dict[str, i
     return model
 
 
+def _is_structural(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return len(value) > 0 and all(type(v) is int for v in value)
+    return type(value) in (int, bool)
+
+
+def structural_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Module name -> its int/bool attributes and int tuples/lists (channels, groups, split sizes, features)."""
+    out = {}
+    for name, module in model.named_modules():
+        attrs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(module).items()
+                 if not k.startswith("_") and k != "training" and _is_structural(v)}
+        if attrs:
+            out[name] = attrs
+    return out
+
+
+def _restore_attrs(modules: dict[str, nn.Module], attrs: dict[str, dict[str, Any]]) -> None:
+    for name, values in attrs.items():
+        module = modules.get(name)
+        if module is None:
+            raise ModelLoadError(f"the saved model has a module {name!r}, which the rebuilt architecture does not have")
+        for key, value in values.items():
+            current = getattr(module, key, None)
+            if _is_structural(current) and isinstance(value, list) == isinstance(current, (list, tuple)):
+                setattr(module, key, type(current)(value) if isinstance(current, (list, tuple)) else value)
+
+
+def _resize_tensors(modules: dict[str, nn.Module], shapes: dict[str, list[int]]) -> None:
+    """Replace every parameter and buffer whose saved shape differs by an empty one of that shape."""
+    for name, module in modules.items():
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                full = f"{name}.{key}" if name else key
+                if t is None or full not in shapes or list(t.shape) == shapes[full]:
+                    continue
+                new = torch.empty(shapes[full], dtype=t.dtype)
+                store[key] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+
+
+def rebuild_to_shapes(model: nn.Module, shapes: dict[str, list[int]], attrs: dict[str, dict[str, Any]]) -> nn.Module:
+    """Resize a freshly built ``model`` in place to a pruned one's saved shapes and attributes (weights loaded after)."""
+    modules = dict(model.named_modules())
+    _restore_attrs(modules, attrs)
+    _resize_tensors(modules, shapes)
+    return model
+
+
 def load_pruned(out_dir: Path) -> nn.Module:
-    """Rebuild the original architecture, prune it to the saved plan, load the weights (eval mode)."""
+    """Rebuild the original architecture, resize it to the saved shapes (format 1: replay the channel
+    plan), load the weights (eval mode)."""
     from safetensors.torch import load_file
 
     from .config import ModelConfig
@@ -625,8 +862,10 @@ def load_pruned(out_dir: Path) -> nn.Module:
     cfg = ModelConfig(arch=meta["arch"], num_classes=meta["num_classes"], kwargs=meta["model_kwargs"],
                       in_channels=meta["in_channels"])
     model = build_model(cfg, meta["in_channels"]).eval()
-    x = torch.zeros(1, *meta["input_shape"])
-    apply_plan(model, x, meta["plan"])
+    if "shapes" in meta and "attrs" in meta:
+        rebuild_to_shapes(model, meta["shapes"], meta["attrs"])
+    else:
+        apply_plan(model, torch.zeros(1, *meta["input_shape"]), meta["plan"])
     state = load_file(str(Path(out_dir) / WEIGHTS_FILE))
     try:
         model.load_state_dict(state, strict=True)
