@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import PruneError
-from .prune import _PRUNABLE, TRACE_TIMEOUT_S, build_graph, count_macs_params, resolve_ignored
+from .prune import _PRUNABLE, TRACE_TIMEOUT_S, build_graph, count_macs_params, resolve_ignored, unprunable_layers
 
 
 @dataclass
@@ -68,10 +68,11 @@ class InspectReport:
         return "\n".join(lines)
 
 
-def _groups(dg, model: nn.Module, ignored: dict[str, str]) -> list[GroupInfo]:
+def _groups(dg, model: nn.Module, ignored: dict[str, str], boundaries: dict[str, str]) -> list[GroupInfo]:
     names = {m: n for n, m in model.named_modules()}
     out = []
-    for group in dg.get_all_groups(ignored_layers=[], root_module_types=list(_PRUNABLE)):
+    skip = [model.get_submodule(n) for n in boundaries]  # torch-pruning would break building their groups
+    for group in dg.get_all_groups(ignored_layers=skip, root_module_types=list(_PRUNABLE)):
         root = group[0].dep.target.module
         members, consumers = [], []
         for dep, _ in group:
@@ -128,11 +129,13 @@ def inspect_model(model: nn.Module, example_inputs: torch.Tensor, *, ignore: tup
     ignored = resolve_ignored(model, example_inputs, ignore)
     try:
         dg = build_graph(model, example_inputs, timeout_s=trace_timeout_s)
+        boundaries = unprunable_layers(model, example_inputs, ignored, trace_timeout_s)
     except PruneError as exc:  # untraceable, or past the time budget
         report.trace_error = str(exc)
         report.skipped = {n: "model cannot be traced" for n, m in model.named_modules() if isinstance(m, _PRUNABLE)}
         return report
-    report.groups = _groups(dg, model, ignored)
+    ignored.update(boundaries)
+    report.groups = _groups(dg, model, ignored, boundaries)
     report.skipped = _skipped(dg, model, report.groups, ignored)
     report.unwrapped = [dg._param_to_name.get(p.parameters, "?") for p in dg.unwrapped_parameters]
     report.min_macs, report.min_params, report.prune_error = _dry_run(model, example_inputs, max_layer_ratio,

@@ -181,7 +181,7 @@ def stage_prune(run: Run, inp: Inputs, scores, device: str) -> torch.nn.Module:
                          round_to=round_to_for(run.targets, pc.round_to), max_layer_ratio=pc.max_layer_ratio,
                          global_ranking=pc.global_ranking, iterative_steps=pc.iterative_steps, ignore=pc.ignore,
                          tolerance=pc.tolerance, scores=scores.scores, before_step=before_step,
-                         progress=run.progress)
+                         progress=run.progress, trace_timeout_s=pc.trace_timeout_s)
     record_pruned(run, inp, result.model, device, macs=(result.macs_before, result.macs_after),
                   params=(result.params_before, result.params_after))
     atomic_write(out_dir / "layers.txt", result.table() + "\n")
