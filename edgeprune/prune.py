@@ -328,15 +328,21 @@ def build_graph(model: nn.Module, x: torch.Tensor, *, timeout_s: Optional[float]
     """torch-pruning's DependencyGraph of ``model`` on ``x``, within a time budget; failures as PruneError."""
     import torch_pruning as tp
 
-    with warnings.catch_warnings(), time_budget(timeout_s, f"tracing {type(model).__name__} and building its "
-                                                           "dependency graph"):
+    frozen = [p for p in model.parameters() if not p.requires_grad]  # torch-pruning traces autograd
+    stage = f"tracing {type(model).__name__} and building its dependency graph"
+    with warnings.catch_warnings(), torch.enable_grad(), time_budget(timeout_s, stage):
         warnings.simplefilter("ignore")
         try:
+            for p in frozen:
+                p.requires_grad_(True)
             return tp.DependencyGraph().build_dependency(model, example_inputs=x)
         except EdgePruneError:
             raise
         except Exception as exc:  # torch-pruning raises plain exceptions on graphs it cannot map
             raise tp_error(exc, model, "tracing") from exc
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- importance

@@ -39,6 +39,15 @@ TOL = 1e-4  # ORT vs torch, relative to the output scale
 XFAIL_TIMEOUT_S = 15.0  # budget for tracing / group mapping in the expected-failure cases
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: graph tracing is Python-bound, and two threads on loaded cores only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _ort_parity(model: torch.nn.Module, x: torch.Tensor, path) -> float:
     import onnxruntime as ort
 
