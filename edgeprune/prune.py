@@ -301,13 +301,19 @@ def tp_error(exc: BaseException, model: nn.Module, stage: str) -> PruneError:
     elif layer:
         where = f" at layer {layer} ({type(model.get_submodule(layer)).__name__})"
     first = (str(exc).strip().splitlines() or [""])[0][:300]
-    todo = [f"leave it alone with {' '.join('--ignore ' + n for n in (feeds if op else [layer]))}"] \
-        if (feeds if op else layer) else []
-    todo.append("prune less (a smaller ratio or target)")
-    todo.append("if the operation is unsupported by torch-pruning, --ignore the layers that feed it "
-                "(`edgeprune inspect` lists groups and layers)")
+    if stage == "tracing":  # the graph itself cannot be built: --ignore does not reach this far
+        hint = ("unsupported op: torch-pruning cannot build the dependency graph through it, so this model "
+                "cannot be pruned as is; replace that construct in the model, or report it upstream "
+                "(docs/upstream-torch-pruning.md)")
+    else:
+        culprits = feeds if op else ([layer] if layer else [])
+        todo = [f"leave it alone with {' '.join('--ignore ' + n for n in culprits)}"] if culprits else []
+        todo += ["prune less (a smaller ratio or target)",
+                 "if the operation is unsupported by torch-pruning, --ignore the layers that feed it "
+                 "(`edgeprune inspect` lists groups and layers)"]
+        hint = "; or ".join(todo)
     return PruneError(f"torch-pruning cannot handle {type(model).__name__} (while {stage}){where}: "
-                      f"{type(exc).__name__}: {first}", hint="; or ".join(todo))
+                      f"{type(exc).__name__}: {first}", hint=hint)
 
 
 def _failing_root(exc: BaseException, model: nn.Module) -> Optional[str]:

