@@ -93,7 +93,7 @@ def _expect_clear_failure(name: str, model: torch.nn.Module, x: torch.Tensor) ->
 
 
 @pytest.mark.parametrize("name", [_param(n) for n in FAST + SLOW])
-def test_timm_prune_reload_export_parity(name: str, tmp_path) -> None:
+def test_timm_prune_reload_export_parity(name: str, tmp_path, record_property) -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=f"timm:{name}", num_classes=NUM_CLASSES, weights=None), 3).eval()
     x = torch.randn(1, 3, SIDE, SIDE)
@@ -102,6 +102,7 @@ def test_timm_prune_reload_export_parity(name: str, tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = prune_model(model, x, _l1(), target_macs_reduction=2.0, progress=False)
+    record_property("macs_reduction", round(res.macs_reduction, 3))  # for the matrix table (--junitxml)
     assert res.macs_reduction >= 1.8, res.table()
     save_pruned(res.model, tmp_path / "pruned", arch=f"timm:{name}", model_kwargs={}, num_classes=NUM_CLASSES,
                 in_channels=3, input_shape=(3, SIDE, SIDE))

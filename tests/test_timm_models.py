@@ -152,3 +152,41 @@ def test_torch_pruning_exceptions_become_prune_errors_naming_the_op() -> None:
     with pytest.raises(PruneError, match=r"while tracing\) at operation .*Reshape") as info:
         build_graph(shufflenet_v2_x0_5().eval(), torch.randn(1, 3, 32, 32))
     assert "unsupported op" in str(info.value)
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    from edgeprune.cli import main
+
+    old, sys.argv = sys.argv, ["edgeprune", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_app_dir(tmp_path, capsys, monkeypatch) -> None:
+    from edgeprune import models, trust
+
+    (tmp_path / "cli_nets_ep.py").write_text(
+        "import torch.nn as nn\n\ndef net(num_classes=10, in_channels=3):\n"
+        "    return nn.Sequential(nn.Conv2d(in_channels, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n")
+    monkeypatch.setattr(models, "_app_dirs", [])
+    try:
+        code, out, err = _cli(capsys, "--app-dir", tmp_path, "inspect", "cli_nets_ep:net", "--input-shape", "3,16,16",
+                              "--num-classes", "4")
+        assert code == 0, err
+        assert "coupled groups" in out
+    finally:
+        trust.reset()
+
+
+def test_cli_unknown_timm_name_is_a_one_line_error(capsys) -> None:
+    pytest.importorskip("timm")
+    code, _, err = _cli(capsys, "inspect", "timm:resnet81", "--input-shape", "3,32,32")
+    assert code == 2 and "timm:resnet18" in err and "Traceback" not in err
