@@ -38,6 +38,8 @@ def _posix_alarm(seconds: float) -> Iterator[None]:
 
     old_handler = signal.signal(signal.SIGALRM, on_alarm)
     old_delay, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    if old_delay and old_delay < seconds:  # an outer budget ends first: keep its deadline
+        signal.setitimer(signal.ITIMER_REAL, old_delay)
     start = time.monotonic()
     try:
         yield

@@ -190,3 +190,15 @@ def test_cli_unknown_timm_name_is_a_one_line_error(capsys) -> None:
     pytest.importorskip("timm")
     code, _, err = _cli(capsys, "inspect", "timm:resnet81", "--input-shape", "3,32,32")
     assert code == 2 and "timm:resnet18" in err and "Traceback" not in err
+
+
+def test_nested_time_budgets_keep_the_outer_deadline() -> None:
+    start = time.monotonic()
+    with pytest.raises(StageTimeout):
+        with time_budget(0.3, "outer"):
+            with time_budget(0.1, "inner"):
+                _busy(0.01)
+            with time_budget(5, "long inner"):
+                _busy(5)
+    assert time.monotonic() - start < 2
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
