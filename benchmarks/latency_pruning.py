@@ -216,12 +216,16 @@ def write_report(out: dict, quick: bool) -> Path:
              "timing single-threaded (target threads=1) on 2 shared CPU cores.", "",
              "Budget = 50% of the unpruned p50; p50 before/after by the `edgeprune bench` protocol "
              "(>= 100 runs, >= 2 s); met = final p50 <= budget x 1.05. Table error: held-out random "
-             "configurations (every group cut) measured vs base + sum of per-group deltas; confirmations: "
-             "the same prediction vs the search's measurements. fmnist_cnn is ranked by sae-mi (512 calibration "
+             "configurations (every group cut) measured vs the table's prediction (cost model `macs`: per-group "
+             "ms/MAC fitted to the table's measurements and 3 whole-model configurations; `additive`: base + sum "
+             "of per-group deltas; `auto` keeps the better one, leave-one-out); the additive prediction of the same "
+             "configurations is shown for comparison; confirmations: the table's prediction vs the search's "
+             "measurements along the path. fmnist_cnn is ranked by sae-mi (512 calibration "
              "images); ResNet-18 has random weights (latency only), so it is ranked by L2 weight magnitude.", "",
              "| model | target | base p50 ms | budget ms | final p50 ms | met | MACs before -> after (M) | "
-             "steps (rolled back) | table error MAPE (max) | confirm error MAPE | table from cache | search s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "steps (rolled back) | cost model | table error MAPE (max) | additive error MAPE | confirm error MAPE | "
+             "table from cache | search s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["search"]:
         s = r["search"]
         le, ce = s["lut_error"], s["confirm_error"]
@@ -229,7 +233,8 @@ def write_report(out: dict, quick: bool) -> Path:
         lines.append(f"| {r['model']} | {r['target']} | {r['bench_base_ms']:.3f} | {r['budget_ms']:.3f} | "
                      f"{r['bench_final_ms']:.3f} | {'yes' if r['met_within_5pct'] else 'no'} "
                      f"({r['final_over_budget_pct']:+.1f}%) | {s['macs_before'] / 1e6:.1f} -> {s['macs_after'] / 1e6:.1f} | "
-                     f"{len(s['trajectory'])} ({nrb}) | {pct(le, 'mape_pct')} ({pct(le, 'max_ape_pct')}) | "
+                     f"{len(s['trajectory'])} ({nrb}) | {s['lut'].get('cost_model', 'additive')} | "
+                     f"{pct(le, 'mape_pct')} ({pct(le, 'max_ape_pct')}) | {pct(additive_error(s), 'mape_pct')} | "
                      f"{pct(ce, 'mape_pct')} | {s['lut']['from_cache']} | {r['search_seconds']:.0f} |")
     lines += ["", "Groups cut (channels before -> after) and groups marked as not worth cutting:", ""]
     for r in out["search"]:
@@ -255,6 +260,13 @@ def write_report(out: dict, quick: bool) -> Path:
     path = RESULTS / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def additive_error(s: dict) -> dict:
+    from edgeprune.latency import error_stats
+
+    hold = s["lut"].get("holdout") or []
+    return error_stats([(h.get("additive_ms", h["predicted_ms"]), h["measured_ms"]) for h in hold])
 
 
 def pct(e: dict, k: str) -> str:

@@ -115,13 +115,12 @@ def _warm_up(fn: Callable[[], object], *, sync: Optional[Callable[[], None]], ru
 
 def _timed_runs(
     fn: Callable[[], object], *, sync: Optional[Callable[[], None]], min_runs: int,
-    min_time_s: float, max_time_s: float, progress: bool,
+    min_time_s: float, max_time_s: float, progress: bool, clock: Callable[[], int] = time.perf_counter_ns,
 ) -> list[float]:
     from tqdm import tqdm
 
     samples: list[float] = []
     bar = tqdm(total=min_runs, desc="bench", unit="run", disable=not progress, leave=False)
-    clock = time.perf_counter_ns
     t_start = clock()
     while True:
         t0 = clock()
@@ -136,6 +135,95 @@ def _timed_runs(
             break
     bar.close()
     return samples
+
+
+# ----------------------------------------------------------------------------- interleaved
+
+
+def interleaved_order(names: list[str], rounds: int) -> list[str]:
+    """The slot order of an interleaved measurement: forward, then backward (A B, B A, A B, ...),
+    so that a drift linear in time weighs every candidate the same."""
+    order: list[str] = []
+    for r in range(rounds):
+        order += names if r % 2 == 0 else names[::-1]
+    return order
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    rounds: int = 10,
+    batch_size: int = 1,
+    warmup_runs: int = 20,
+    warmup_s: float = 0.5,
+    min_runs: int = 100,
+    min_time_s: float = 2.0,
+    max_time_s: float = 60.0,
+    syncs: Optional[dict[str, Optional[Callable[[], None]]]] = None,
+    scope: str = "inference",
+    clock: Callable[[], int] = time.perf_counter_ns,
+) -> dict[str, LatencyStats]:
+    """Time several candidates (e.g. baseline and pruned) in alternating slots, so that CPU
+    frequency, thermal state and neighbours' load drift the same way for all of them.
+
+    Each candidate is warmed up, then ``rounds`` rounds run one slot per candidate in
+    :func:`interleaved_order`; a slot lasts ``min_runs / rounds`` calls and ``min_time_s / rounds``
+    seconds (``max_time_s`` is split the same way). Percentiles are over all of a candidate's samples.
+    """
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown latency scope {scope!r}; valid: {', '.join(SCOPES)}")
+    if rounds < 1 or min_runs < 1 or max_time_s <= 0 or not fns:
+        raise ConfigError(f"interleaved timing needs rounds >= 1, min_runs >= 1, max_time_s > 0 and at least "
+                          f"one candidate (got {rounds}, {min_runs}, {max_time_s}, {len(fns)})")
+    syncs = syncs or {}
+    for name, fn in fns.items():
+        _warm_up(fn, sync=syncs.get(name), runs=warmup_runs, seconds=warmup_s)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    per_slot = dict(min_runs=-(-min_runs // rounds), min_time_s=min_time_s / rounds,
+                    max_time_s=max_time_s / (rounds * len(fns)))
+    for name in interleaved_order(list(fns), rounds):
+        samples[name] += _timed_runs(fns[name], sync=syncs.get(name), progress=False, clock=clock, **per_slot)
+    return {name: stats_from_samples(s, batch_size=batch_size, scope=scope) for name, s in samples.items()}
+
+
+def bench_interleaved(
+    artifacts: dict[str, Any],
+    *,
+    target: "TargetConfig",
+    cfg: "BenchConfig",
+    rounds: int = 10,
+    input_shape: Optional[tuple[int, ...]] = None,
+) -> dict[str, Any]:
+    """Load every artifact with its backend and time them interleaved at the target's first batch
+    size, on the same seeded input. Returns ``{"results": {name: LatencyStats dict (with samples)},
+    "rounds", "order", "scope", "threads", "env"}``."""
+    from .backends import get_backend
+
+    scope = "end-to-end" if cfg.include_preprocessing else "inference"
+    batch = batch_sizes(target, cfg)[0]
+    fns, syncs, timed = {}, {}, {}
+    for name, artifact in artifacts.items():
+        runner = get_backend(_backend_name(artifact)).load(artifact, target=target)
+        shape = _resolve_shape(artifact, None, input_shape, None)
+        fns[name] = _make_fn(runner, _runner_call(runner), batch=batch, shape=shape, inputs=None, scope=scope,
+                             preprocessing=None)
+        sync = getattr(runner, "synchronize", None)
+        syncs[name] = sync if callable(sync) else None
+        timed[name] = getattr(fns[name], "timed", "runner call")
+    stats = measure_interleaved(fns, rounds=rounds, batch_size=batch, warmup_runs=cfg.warmup_runs,
+                                warmup_s=cfg.warmup_s, min_runs=cfg.min_runs, min_time_s=cfg.min_time_s,
+                                max_time_s=cfg.max_time_s, syncs=syncs, scope=scope)
+    results = {name: {**s.to_dict(samples=True), "timed": timed[name]} for name, s in stats.items()}
+    return {"results": results, "rounds": rounds, "order": "interleaved, alternating " + " / ".join(
+        ["-".join(fns), "-".join(list(fns)[::-1])]), "scope": scope, "threads": target.threads,
+        "env": environment_info()}
+
+
+def speedup(before_ms: Optional[float], after_ms: Optional[float]) -> Optional[float]:
+    """``before / after`` (how many times faster), rounded; None when either is missing or zero."""
+    if not before_ms or not after_ms:
+        return None
+    return round(float(before_ms) / float(after_ms), 4)
 
 
 # ----------------------------------------------------------------------------- artifacts

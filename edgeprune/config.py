@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import typing
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -117,10 +117,15 @@ class ScoreConfig(Strict):
     num_images: int = Field(512, ge=8)
     levels: int = Field(8, ge=2, le=256, description="gray levels G")
     radius: int = Field(1, ge=1, le=8, description="Chebyshev neighbourhood radius r")
-    quantization: str = Field("minmax", description="minmax | percentile | quantile")
+    quantization: Literal["minmax", "percentile", "quantile", "zero-quantile", "zero-log", "zero-percentile"] = Field(
+        "minmax", description="gray-level bins; zero-*: a level for values <= 0 and G-1 over the positives")
     use_predicted_labels: bool = Field(False, description="label by the unpruned model's prediction")
     cache_mb: float = Field(256.0, ge=0, description="MiB of maps kept between the range and scoring passes "
                             "(saves a forward pass; 0 = stream only)")
+    selection: Literal["rank", "greedy"] = Field(
+        "rank", description="SAE criteria: rank by relevance, or greedy relevance - lambda x redundancy per layer")
+    redundancy_lambda: float = Field(0.5, ge=0.0, description="weight of the redundancy in greedy selection")
+    redundancy: Literal["max", "mean"] = Field("max", description="redundancy with the picked channels: max | mean")
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -131,9 +136,13 @@ class PruneConfig(Strict):
     max_layer_ratio: float = Field(0.8, gt=0.0, lt=1.0)
     round_to: Optional[int] = Field(None, ge=1, description="channel multiple; default from the target")
     global_ranking: bool = False
-    normalize: str = Field("mean", description="per-layer score normalization: mean | max | sum | none")
+    normalize: Literal["mean", "max", "sum", "none", "rank", "zscore"] = Field(
+        "mean", description="per-layer score normalization before members of a coupled group are averaged")
+    global_normalize: Literal["rank", "zscore", "mean"] = Field(
+        "rank", description="how group scores of different layers meet in a global ranking")
     iterative_steps: int = Field(1, ge=1)
-    rescore_between_steps: bool = False
+    rescore_between_steps: bool = Field(False, description="with iterative_steps > 1: re-score the slimmed model "
+                                        "before each step (activation criteria)")
     ignore: list[str] = Field(default_factory=list, description="module names to leave alone")
     tolerance: float = Field(0.02, gt=0.0, lt=0.5)
     trace_timeout_s: Optional[float] = Field(60.0, gt=0.0, description="time budget for tracing and each "
@@ -178,6 +187,9 @@ class BenchConfig(Strict):
     max_time_s: float = Field(60.0, gt=0.0)
     batch_sizes: Optional[list[int]] = None
     include_preprocessing: bool = False
+    baseline: bool = Field(True, description="compile and time the unpruned model on every target and precision "
+                                             "(interleaved with the pruned one) to report the speed-up")
+    baseline_rounds: int = Field(10, ge=1, description="alternating baseline/pruned slots of the speed-up timing")
 
 
 class RemoteConfig(Strict):

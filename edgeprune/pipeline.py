@@ -152,6 +152,7 @@ def stage_score(run: Run, inp: Inputs, device: str):
     scores = score_model(inp.teacher, calib, criterion=sc.criterion, num_classes=run.cfg.model.num_classes,
                          device=device, levels=sc.levels, radius=sc.radius, quantization=sc.quantization,
                          use_predicted_labels=sc.use_predicted_labels, cache_mb=sc.cache_mb, progress=run.progress,
+                         selection=sc.selection, redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy,
                          **sc.params)
     scores.to_json(path)
     scores.to_csv(run.dir / "scores.csv")
@@ -181,13 +182,27 @@ def stage_prune(run: Run, inp: Inputs, scores, device: str) -> torch.nn.Module:
                          round_to=round_to_for(run.targets, pc.round_to), max_layer_ratio=pc.max_layer_ratio,
                          global_ranking=pc.global_ranking, iterative_steps=pc.iterative_steps, ignore=pc.ignore,
                          tolerance=pc.tolerance, scores=scores.scores, before_step=before_step,
-                         progress=run.progress, trace_timeout_s=pc.trace_timeout_s)
+                         rescore=_rescorer(run, inp, device) if pc.rescore_between_steps else None,
+                         global_normalize=pc.global_normalize, progress=run.progress,
+                         trace_timeout_s=pc.trace_timeout_s)
     record_pruned(run, inp, result.model, device, macs=(result.macs_before, result.macs_after),
                   params=(result.params_before, result.params_after))
     atomic_write(out_dir / "layers.txt", result.table() + "\n")
     run.report["prune"] = result.to_dict()
     run.mark("prune")
     return result.model
+
+
+def _rescorer(run: Run, inp: Inputs, device: str):
+    """prune.rescore_between_steps: score each slimmed model on the same calibration images as stage_score."""
+    from .scoring import make_rescorer
+
+    sc = run.cfg.score
+    calib = inp.calibration.data.subset(range(min(sc.num_images, len(inp.calibration.data))))
+    return make_rescorer(sc.criterion, calib, normalize=run.cfg.prune.normalize, num_classes=run.cfg.model.num_classes,
+                         device=device, levels=sc.levels, radius=sc.radius, quantization=sc.quantization,
+                         use_predicted_labels=sc.use_predicted_labels, cache_mb=sc.cache_mb, selection=sc.selection,
+                         redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy, **sc.params)
 
 
 def record_pruned(run: Run, inp: Inputs, model: torch.nn.Module, device: str, *, macs: tuple[int, int],
@@ -275,6 +290,10 @@ def stage_compile_and_check(run: Run, inp: Inputs, model: torch.nn.Module, onnx_
                 artifact = compile_target(run, inp, onnx_path, target, precision)
                 artifacts.append(check_artifact(run, inp, model, artifact, target))
         run.report["artifacts"] = artifacts
+    if run.cfg.bench.baseline:  # the unpruned model, same targets and harness: the speed-up
+        from .baseline import add_baselines
+
+        add_baselines(run, inp, artifacts)
     run.mark("compile")
     return artifacts
 

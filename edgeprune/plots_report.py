@@ -63,6 +63,7 @@ def accuracy_vs_latency(report: dict[str, Any]) -> Optional[str]:
         ax.annotate(artifact_label(a), (lat, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="tab:green",
             label="Pareto front", zorder=2)
+    _baseline_points(ax, arts, pts)
     base = (report.get("accuracy") or {}).get("baseline")
     if base is not None:
         ax.axhline(100 * base, color="grey", lw=0.8, ls=":", label="baseline (PyTorch, unpruned)")
@@ -74,6 +75,23 @@ def accuracy_vs_latency(report: dict[str, Any]) -> Optional[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _to_b64(fig)
+
+
+def _baseline_points(ax: Any, arts: list[dict[str, Any]], pts: list[tuple[float, float]]) -> None:
+    """The unpruned model compiled for each target and precision (hollow), an arrow to its pruned artifact."""
+    shown = False
+    for a, (lat, acc) in zip(arts, pts):
+        base = a.get("baseline") or {}
+        b_lat, b_acc = (base.get("latency_ms") or {}).get("p50"), base.get("accuracy")
+        if b_lat is None or b_acc is None:
+            continue
+        ax.scatter(b_lat, 100 * b_acc, s=60, facecolors="none", edgecolors="tab:gray", zorder=3,
+                   label=None if shown else "unpruned, same target")
+        ax.annotate("", xy=(lat, acc), xytext=(b_lat, 100 * b_acc),
+                    arrowprops=dict(arrowstyle="->", color="tab:gray", lw=0.8), zorder=2)
+        ax.annotate(artifact_label(a) + " unpruned", (b_lat, 100 * b_acc), textcoords="offset points",
+                    xytext=(5, -10), fontsize=7, color="tab:gray")
+        shown = True
 
 
 def channels_per_layer(report: dict[str, Any]) -> Optional[str]:

@@ -354,9 +354,16 @@ def build_graph(model: nn.Module, x: torch.Tensor, *, timeout_s: Optional[float]
 # ----------------------------------------------------------------------------- importance
 
 
-def _normalized(importance: Any) -> Any:
-    """Wrap an importance so each group's scores are divided by their mean (per-layer normalization)."""
+GLOBAL_NORMALIZERS = ("rank", "zscore", "mean")
+
+
+def _normalized(importance: Any, mode: str = "rank") -> Any:
+    """Wrap an importance so each group's scores become comparable across layers before a global ranking:
+    ``rank`` (rank / (C - 1) within the group, the default), ``zscore``, or ``mean`` (divided by the mean
+    magnitude: rescales but does not make layers comparable; kept for reproducing older runs)."""
     import torch_pruning as tp
+
+    from .scoring.adapters import normalize_scores
 
     class _PerLayerNormalized(tp.importance.Importance):
         def __init__(self, inner: Any):
@@ -366,7 +373,9 @@ def _normalized(importance: Any) -> Any:
             imp = self.inner(group)
             if imp is None:
                 return None
-            return imp / imp.abs().mean().clamp_min(1e-12)
+            if mode == "mean":
+                return imp / imp.abs().mean().clamp_min(1e-12)
+            return normalize_scores(imp.detach().float().cpu(), mode).to(imp.device)
 
     return _PerLayerNormalized(importance)
 
@@ -382,6 +391,7 @@ class _Settings:
     iterative_steps: int
     ignored: dict[str, str]
     before_step: Optional[Callable[[nn.Module, int], object]]
+    global_normalize: str = "rank"
     trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S
 
 
@@ -436,7 +446,7 @@ def _build_pruner(model: nn.Module, x: torch.Tensor, importance: Any, ratio: flo
         warnings.simplefilter("ignore")  # unwrapped-parameter notices; inspect reports them
         try:
             return _pruner_class()(
-                model, x, importance=_normalized(importance) if s.global_ranking else importance,
+                model, x, importance=_normalized(importance, s.global_normalize) if s.global_ranking else importance,
                 global_pruning=s.global_ranking, pruning_ratio=ratio, pruning_ratio_dict=ratio_dict,
                 max_pruning_ratio=s.max_layer_ratio,
                 iterative_steps=s.iterative_steps, ignored_layers=_modules_by_name(model, list(s.ignored)),
@@ -702,21 +712,37 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, importance: Any,
                 global_ranking: bool = False, iterative_steps: int = 1, ignore: Sequence[str] = (),
                 tolerance: float = 0.02, scores: Optional[dict[str, torch.Tensor]] = None,
                 before_step: Optional[Callable[[nn.Module, int], object]] = None,
+                rescore: Optional[Rescorer] = None, global_normalize: str = "rank",
                 progress: bool = True, trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> PruneResult:
     """Prune a copy of ``model`` with torch-pruning; ``model`` itself is left untouched.
 
     ``ratio`` (fixed channel ratio) wins over a target; a params target wins over the MACs target.
     ``importance`` is any ``torch_pruning.importance.Importance``. ``before_step(model, step)`` runs
-    before each iterative step on the model being pruned (re-scoring, ``loss.backward()`` for Taylor).
-    Tracing and each dependency-graph build stop after ``trace_timeout_s`` (None: no limit); every
-    exception from torch-pruning comes out as a PruneError naming the stage and, if found, the layer.
+    before each iterative step on the model being pruned (``loss.backward()`` for Taylor).
+    ``rescore(model) -> (importance, scores)``, with ``iterative_steps`` > 1: prune in that many steps,
+    each reaching its share of the target, re-scoring the slimmed model between steps (see
+    :func:`prune_rescoring`). ``global_normalize``: how group scores meet in a global ranking
+    (``rank`` | ``zscore`` | ``mean``). Tracing and each dependency-graph build stop after
+    ``trace_timeout_s`` (None: no limit); every exception from torch-pruning comes out as a
+    PruneError naming the stage and, if found, the layer or operation.
     """
+    if global_normalize not in GLOBAL_NORMALIZERS:
+        raise PruneError(f"unknown global_normalize {global_normalize!r}; valid: {', '.join(GLOBAL_NORMALIZERS)}")
+    if rescore is not None and iterative_steps > 1:
+        return prune_rescoring(model, example_inputs, importance, rescore, steps=iterative_steps,
+                               target_macs_reduction=target_macs_reduction,
+                               target_params_reduction=target_params_reduction, ratio=ratio, round_to=round_to,
+                               max_layer_ratio=max_layer_ratio, global_ranking=global_ranking, ignore=ignore,
+                               tolerance=tolerance, scores=scores, before_step=before_step,
+                               global_normalize=global_normalize, progress=progress,
+                               trace_timeout_s=trace_timeout_s)
     ignored = resolve_ignored(model, example_inputs, ignore)  # also checks that the model runs on the input
     ignored.update(unprunable_layers(model, example_inputs, ignored, trace_timeout_s))
     macs0, params0 = count_macs_params(model, example_inputs)
     target = _choose_target(target_macs_reduction, target_params_reduction, tolerance, macs0, params0)
     _check_args(ratio, target, round_to, max_layer_ratio, iterative_steps)
-    s = _Settings(round_to, max_layer_ratio, global_ranking, iterative_steps, ignored, before_step, trace_timeout_s)
+    s = _Settings(round_to, max_layer_ratio, global_ranking, iterative_steps, ignored, before_step, global_normalize,
+                  trace_timeout_s)
     for attempt in range(_MAX_BOUNDARIES + 1):
         try:
             best, target = _prune_to(model, example_inputs, importance, ratio, target, s, progress)
@@ -745,6 +771,81 @@ def _prune_to(model: nn.Module, x: torch.Tensor, importance: Any, ratio: Optiona
     if not target.met(best):
         best = _refine(model, x, importance, target, s, best)
     return best, target
+
+
+# ----------------------------------------------------------------------------- iterative schedule with re-scoring
+
+Rescorer = Callable[[nn.Module], tuple[Any, Optional[dict[str, torch.Tensor]]]]
+
+
+def _step_share(total: float, step: int, steps: int) -> float:
+    """Reduction reached after ``step`` of ``steps`` equal (geometric) shares of ``total``."""
+    return total ** (step / steps)
+
+
+def prune_rescoring(model: nn.Module, example_inputs: torch.Tensor, importance: Any, rescore: Rescorer, *,
+                    steps: int, target_macs_reduction: Optional[float] = 2.0,
+                    target_params_reduction: Optional[float] = None, ratio: Optional[float] = None,
+                    round_to: Optional[int] = 8, max_layer_ratio: float = 0.8, global_ranking: bool = False,
+                    ignore: Sequence[str] = (), tolerance: float = 0.02,
+                    scores: Optional[dict[str, torch.Tensor]] = None,
+                    before_step: Optional[Callable[[nn.Module, int], object]] = None,
+                    global_normalize: str = "rank", progress: bool = True,
+                    trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> PruneResult:
+    """Prune in ``steps`` one-shot steps, re-scoring the slimmed model between them.
+
+    Step j reaches ``target ** (j / steps)`` of the original MACs (or params); the last one aims at
+    the full target from wherever the previous steps landed, so the tolerance holds for the end
+    result. A fixed ``ratio`` is split as ``1 - (1 - ratio) ** (1 / steps)`` per step. The per-layer
+    cap is split the same way (``1 - (1 - max_layer_ratio) ** (1 / steps)`` per step), so that no
+    layer loses more than ``max_layer_ratio`` of its original width overall. ``importance`` /
+    ``scores`` are those of the unpruned model; ``rescore(model)`` gives them for each slimmed one.
+    """
+    if steps < 1:
+        raise PruneError(f"iterative_steps must be >= 1, got {steps}")
+    macs0, params0 = count_macs_params(model, example_inputs)
+    target = _choose_target(target_macs_reduction, target_params_reduction, tolerance, macs0, params0)
+    _check_args(ratio, target, round_to, max_layer_ratio, steps)
+    if ratio is not None:
+        target = None  # a fixed ratio wins over a target, as in prune_model
+    step_cap = 1.0 - (1.0 - max_layer_ratio) ** (1.0 / steps)
+    current, imp, records, res = model, importance, [], None
+    for j in range(1, steps + 1):
+        if j > 1:
+            imp, _ = rescore(current)
+        kw: dict[str, Any] = {"target_macs_reduction": None, "target_params_reduction": None, "ratio": None}
+        if ratio is not None:
+            kw["ratio"] = 1.0 - (1.0 - ratio) ** (1.0 / steps)
+        else:
+            now = count_macs_params(current, example_inputs)[0 if target.metric == "macs" else 1]
+            reached = target.base / max(now, 1)
+            want = _step_share(target.reduction, j, steps) / reached  # reduction still to reach from `current`
+            kw[f"target_{target.metric}_reduction"] = max(want, 1.0 + 1e-3)
+        with warnings.catch_warnings():
+            if j < steps:
+                warnings.simplefilter("ignore")  # an intermediate step off by rounding is caught up by the next
+            res = prune_model(current, example_inputs, imp, **kw, round_to=round_to, max_layer_ratio=step_cap,
+                              global_ranking=global_ranking, ignore=ignore, tolerance=tolerance,
+                              before_step=before_step, global_normalize=global_normalize, progress=progress,
+                              trace_timeout_s=trace_timeout_s)
+        current = res.model
+        records.append({"step": j, "ratio": res.ratio, "macs": res.macs_after, "params": res.params_after,
+                        "rescored": j > 1})
+    plan = channel_plan(current)
+    ignored = resolve_ignored(model, example_inputs, ignore)
+    ignored.update(unprunable_layers(model, example_inputs, ignored, trace_timeout_s))
+    rows = _layer_rows(channel_plan(model), plan, _skip_reasons(model, example_inputs, ignored, trace_timeout_s),
+                       scores)
+    result = PruneResult(current, macs0, res.macs_after, params0, res.params_after, plan, rows, records, res.ratio,
+                         None if target is None else {"metric": target.metric, "reduction": target.reduction,
+                                                      "tolerance": target.tolerance, "steps": steps})
+    if target is not None:
+        trial = _Trial(current, res.ratio, res.macs_after, res.params_after)
+        result.target_met = target.met(trial)
+        if not result.target_met:
+            warnings.warn(f"iterative pruning in {steps} steps reached {target.achieved(trial):.3f}x {target.metric}, "
+                          f"asked {target.reduction:g}x within {target.tolerance:.0%}", stacklevel=2)
+    return result
 
 
 def _raise_or_warn_unmet(target: _Target, best: _Trial, s: _Settings) -> None:

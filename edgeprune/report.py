@@ -15,7 +15,7 @@ from typing import Any, Optional
 ARTIFACT_COLUMNS = (
     ("target", "Target"), ("precision", "Precision"), ("device", "Device"), ("size", "Size"),
     ("p50", "p50 ms"), ("p90", "p90 ms"), ("p95", "p95 ms"), ("p99", "p99 ms"), ("minmax", "min/max ms"),
-    ("throughput", "img/s"), ("accuracy", "Top-1 %"), ("drop", "Drop pt"), ("agreement", "Agree %"),
+    ("throughput", "img/s"), ("speedup", "Speed-up"), ("accuracy", "Top-1 %"), ("drop", "Drop pt"), ("agreement", "Agree %"),
     ("budget", "Budget"),
 )
 
@@ -62,8 +62,45 @@ def artifact_row(a: dict[str, Any]) -> dict[str, str]:
         "p99": _fmt(lat.get("p99")), "minmax": f"{_fmt(lat.get('min'))} / {_fmt(lat.get('max'))}",
         "throughput": _fmt(a.get("throughput"), ".1f"), "accuracy": _fmt(a.get("accuracy"), ".2f", 100),
         "drop": _fmt(a.get("accuracy_drop_pt"), "+.2f"), "agreement": _fmt(parity.get("top1_agreement"), ".2f", 100),
-        "budget": budget_verdict(a),
+        "speedup": _speedup_cell(a), "budget": budget_verdict(a),
     }
+
+
+def _speedup_cell(a: dict[str, Any]) -> str:
+    return "-" if a.get("speedup") is None else f"{float(a['speedup']):.2f}x"
+
+
+SPEEDUP_HEADER = ["Target", "Precision", "p50 before ms", "p50 after ms", "Speed-up", "Top-1 before %",
+                  "Top-1 after %", "Ship"]
+
+
+def speedup_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The headline, per target and precision: the unpruned model compiled and timed on the same
+    target (interleaved with the pruned one) against the pruned artifact; empty when no artifact has
+    a baseline."""
+    rows = []
+    for a in report.get("artifacts", []):
+        base = a.get("baseline")
+        if not base:
+            continue
+        after = ((base.get("timing") or {}).get("pruned_latency_ms") or {}).get("p50")
+        before = (base.get("latency_ms") or {}).get("p50")
+        rows.append([str(a.get("target", "-")), str(a.get("precision", "-")), _fmt(before), _fmt(after),
+                     _speedup_cell(a) if not base.get("error") else f"- ({base['error']})",
+                     _fmt(base.get("accuracy"), ".2f", 100), _fmt(a.get("accuracy"), ".2f", 100),
+                     budget_verdict(a)])
+    return rows
+
+
+def speedup_note(report: dict[str, Any]) -> str:
+    timing = next(((a.get("baseline") or {}).get("timing") for a in report.get("artifacts", [])
+                   if (a.get("baseline") or {}).get("timing")), None)
+    if not timing:
+        return ""
+    return (f"Before: the unpruned model compiled for the same target, precision and settings; after: the pruned "
+            f"artifact. Both p50s come from one measurement, {timing.get('rounds')} rounds alternating baseline "
+            f"and pruned ({timing.get('order')}), batch {timing.get('batch_size')}, scope {timing.get('scope')}. "
+            "Top-1 on the same eval split.")
 
 
 def model_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -88,7 +125,7 @@ def model_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def summary_table(report: dict[str, Any]) -> str:
     """One screen of text: model before/after and one line per artifact."""
-    cols = ("target", "precision", "size", "p50", "p99", "throughput", "accuracy", "drop", "budget")
+    cols = ("target", "precision", "p50", "p99", "throughput", "speedup", "accuracy", "drop", "budget")
     heads = dict(ARTIFACT_COLUMNS)
     rows = [artifact_row(a) for a in report.get("artifacts", [])]
     try:
@@ -149,6 +186,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     out.append("")
     if model_rows(report):
         out += ["## Model", "", _md_table(["", "before", "after"], [list(r) for r in model_rows(report)]), ""]
+    if speedup_rows(report):
+        out += ["## Speed-up vs the unpruned model", "", _md_table(SPEEDUP_HEADER, speedup_rows(report)), "",
+                speedup_note(report), ""]
     if report.get("artifacts"):
         out += ["## Artifacts", "", _md_table([h for _, h in ARTIFACT_COLUMNS],
                 [[artifact_row(a)[k] for k, _ in ARTIFACT_COLUMNS] for a in report["artifacts"]]), ""]
@@ -243,6 +283,9 @@ def render_html(report: dict[str, Any], plots: Optional[dict[str, str]] = None) 
     parts = [f"<h1>edgeprune report: {html.escape(str(run.get('name', 'run')))}</h1>", _html_meta(report)]
     if model_rows(report):
         parts += ["<h2>Model</h2>", _html_table(["", "before", "after"], [list(r) for r in model_rows(report)])]
+    if speedup_rows(report):
+        parts += ["<h2>Speed-up vs the unpruned model</h2>", _html_table(SPEEDUP_HEADER, speedup_rows(report)),
+                  f'<p class="note">{html.escape(speedup_note(report))}</p>']
     arts = report.get("artifacts", [])
     if arts:
         rows = [artifact_row(a) for a in arts]

@@ -186,3 +186,86 @@ def test_openvino_fast_path_times_the_infer_request(ort_artifact, tmp_path):
     out = bench_artifact(ov_art, target=target, cfg=cfg, progress=False)
     assert out["results"][0]["timed"] == "openvino infer request, input tensor pre-set"
     assert out["results"][0]["n_runs"] == 5
+
+
+# ----------------------------------------------------------------------------- interleaved (baseline vs pruned)
+
+
+class FakeClock:
+    """A clock that only moves when a candidate runs; each run costs its base time scaled by a drift
+    that grows with the clock (a CPU slowing down over the measurement)."""
+
+    def __init__(self, drift_per_s: float):
+        self.ns, self.drift_per_s, self.log = 0, drift_per_s, []
+
+    def __call__(self) -> int:
+        return self.ns
+
+    def candidate(self, name: str, base_ms: float):
+        def run() -> None:
+            self.log.append(name)
+            self.ns += int(base_ms * 1e6 * (1 + self.drift_per_s * self.ns / 1e9))
+        return run
+
+
+def test_interleaved_order_alternates_direction():
+    from edgeprune.bench import interleaved_order
+
+    assert interleaved_order(["baseline", "pruned"], 4) == ["baseline", "pruned", "pruned", "baseline"] * 2
+    assert interleaved_order(["a", "b", "c"], 2) == ["a", "b", "c", "c", "b", "a"]
+
+
+def test_interleaved_slots_follow_the_order_and_drift_cancels():
+    from edgeprune.bench import measure_interleaved
+
+    clock = FakeClock(drift_per_s=5.0)  # runs get 5 % slower every 10 ms of measurement
+    fns = {"baseline": clock.candidate("baseline", 2.0), "pruned": clock.candidate("pruned", 1.0)}
+    stats = measure_interleaved(fns, rounds=4, warmup_runs=0, warmup_s=0.0, min_runs=40, min_time_s=0.0,
+                                clock=clock)
+    slots = [clock.log[i:i + 10] for i in range(0, len(clock.log), 10)]  # 40 runs / 4 rounds = 10 per slot
+    assert [s[0] for s in slots] == ["baseline", "pruned", "pruned", "baseline"] * 2  # ABBA, slot by slot
+    assert all(len(set(s)) == 1 and len(s) == 10 for s in slots)
+    assert stats["baseline"].n_runs == stats["pruned"].n_runs == 40
+    assert stats["baseline"].mean / stats["pruned"].mean == pytest.approx(2.0, rel=0.03)  # true ratio despite drift
+
+    sequential = FakeClock(drift_per_s=5.0)  # the same drift, one candidate after the other (one round)
+    fns = {"baseline": sequential.candidate("baseline", 2.0), "pruned": sequential.candidate("pruned", 1.0)}
+    stats = measure_interleaved(fns, rounds=1, warmup_runs=0, warmup_s=0.0, min_runs=40, min_time_s=0.0,
+                                clock=sequential)
+    assert stats["baseline"].mean / stats["pruned"].mean < 1.9  # what interleaving protects against
+
+
+def test_interleaved_refuses_bad_arguments():
+    from edgeprune.bench import measure_interleaved
+
+    with pytest.raises(ConfigError, match="rounds >= 1"):
+        measure_interleaved({"a": Counter()}, rounds=0)
+    with pytest.raises(ConfigError, match="unknown latency scope"):
+        measure_interleaved({"a": Counter()}, scope="wall")
+
+
+def test_bench_against_compares_two_artifacts(ort_artifact, tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from edgeprune.backends import get_backend
+    from edgeprune.cli import app
+
+    art, target = ort_artifact
+    wide = torch.nn.Sequential(torch.nn.Conv2d(1, 64, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    onnx_path = tmp_path / "wide.onnx"
+    torch.onnx.export(wide, (torch.randn(1, 1, 16, 16),), str(onnx_path), input_names=["input"],
+                      output_names=["logits"], opset_version=17, dynamo=False)
+    other = get_backend("onnxruntime").compile(onnx_path, tmp_path / "wide", target=target, precision=Precision.fp32)
+    out = tmp_path / "against.json"
+    res = CliRunner().invoke(app, ["bench", str(Path(art.path).parent), "--against", str(Path(other.path).parent),
+                                   "--threads", "1", "--min-runs", "20", "--min-time-s", "0", "--warmup-s", "0",
+                                   "--rounds", "4", "--json", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "p50 B / A" in res.output and "interleaved" in res.output
+    data = json.loads(out.read_text())
+    a, b = data["results"]["A"], data["results"]["B"]
+    assert a["n_runs"] == b["n_runs"] == 20 and data["rounds"] == 4
+    assert b["p50"] > a["p50"]  # the wide model (64 channels) is slower than the tiny one

@@ -201,3 +201,47 @@ def test_cut_to_a_slow_width_is_retried_bigger_before_marking(tiny_model, tmp_pa
     assert (head[1].channels_before, head[1].channels_after, head[1].rolled_back) == (32, 16, False)
     assert "head.0" not in res.blocked and res.met
     assert current_channels(res.model, "head.0") == 16
+
+
+class MacsTimer:
+    """Latency = 0.2 ms + rate x MACs of every conv/linear of the model as it is (input x output widths interact)."""
+
+    def __init__(self, rates: dict[str, float], default: float = 2e-6):
+        self.rates, self.default, self.calls = rates, default, 0
+
+    def __call__(self, model: nn.Module) -> float:
+        from edgeprune.latency.lut import _layer_macs
+
+        self.calls += 1
+        return 0.2 + sum(self.rates.get(n, self.default) * macs for n, (macs, _) in _layer_macs(model, X).items())
+
+
+def _fitted(model: nn.Module, timer, tmp_path, cost_model: str):
+    key = lut_key(model, X, target=_target(), round_to=8, max_layer_ratio=0.8, points=2, holdout=4,
+                  measure_id={"custom": type(timer).__name__})
+    return build_lut(model, X, groups=prunable_groups(model, X), measure=timer, key=key, round_to=8, points=2,
+                     holdout=4, cache_dir=tmp_path, progress=False, cost_model=cost_model, fit_configs=3)
+
+
+def test_fitted_macs_table_predicts_interacting_groups(tiny_model, tmp_path):
+    timer = MacsTimer({"head.0": 6e-6})  # the head conv is slower per MAC than the rest
+    table = _fitted(tiny_model, timer, tmp_path, "auto")
+    assert table.fit["model"] == "macs"  # chosen: it predicts the whole-model configurations better
+    assert table.measurements == timer.calls == 1 + sum(len(t) for t in table.deltas.values()) + 3 + 4
+    additive = [abs(h["additive_ms"] - h["measured_ms"]) / h["measured_ms"] for h in table.holdout]
+    assert table.error["n"] == 4 and table.error["max_ape_pct"] < 3.0  # held out, every group cut
+    assert max(additive) > 0.05  # what the per-group sum misses: cuts of coupled groups interact
+    plan = {g: c for g, c in table.full.items()}
+    full_ms = timer(tiny_model)
+    assert table.predict(plan) == pytest.approx(full_ms, rel=0.02)
+    saving = table.saving(plan, "head.0", 32, 16)
+    assert saving > 0 and saving == pytest.approx(table.predict(plan) - table.predict({**plan, "head.0": 16}))
+    again = _fitted(tiny_model, MacsTimer({"head.0": 6e-6}), tmp_path, "auto")
+    assert again.from_cache and again.fit["model"] == "macs" and again.predict(plan) == table.predict(plan)
+
+
+def test_auto_table_keeps_the_additive_model_when_it_predicts_better(tiny_model, tmp_path):
+    table = _fitted(tiny_model, FakeTimer({"head.0": 0.01, "dw.3": 0.02}), tmp_path, "auto")
+    assert table.fit["model"] == "additive" and table.error["max_ape_pct"] < 1e-6
+    with pytest.raises(ConfigError, match="cost_model"):
+        _fitted(tiny_model, FakeTimer({}), tmp_path, "quadratic")

@@ -93,6 +93,12 @@ def test_cli_run_end_to_end(tmp_path, tiny_weights):
         assert 0 < a["latency_ms"]["p50"] <= a["latency_ms"]["p90"] <= a["latency_ms"]["p99"]
         assert (run_dir / a["path"]).is_file()
         assert a["accuracy"] == pytest.approx(report["accuracy"]["pruned"], abs=0.01)
+        base = a["baseline"]  # the unpruned model on the same target, timed interleaved with the pruned one
+        assert base["accuracy"] == pytest.approx(report["accuracy"]["baseline"], abs=0.01)
+        assert a["speedup"] == pytest.approx(base["latency_ms"]["p50"] / base["timing"]["pruned_latency_ms"]["p50"],
+                                             rel=1e-3)
+        assert (run_dir / base["path"]).is_file()
+    assert "## Speed-up vs the unpruned model" in (run_dir / "report.md").read_text()
     for f in ("model.onnx", "report.md", "report.html", "pruned/model.safetensors", "pruned/pruned.json",
               "scores.json", "config.yaml"):
         assert (run_dir / f).is_file(), f

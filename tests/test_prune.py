@@ -179,3 +179,109 @@ def test_cli_prune_writes_dir_and_table(tmp_path) -> None:
     assert {"model.safetensors", "pruned.json", "prune_table.txt", "prune_report.json"} <= {p.name for p in out.iterdir()}
     assert "classifier head" in (out / "prune_table.txt").read_text()
     assert load_pruned(out)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+# ----------------------------------------------------------------------------- issue 12: normalization, re-scoring
+
+
+def _skewed_scores(model: nn.Module) -> dict:
+    """First conv: heavy-tailed scores (a few huge, most tiny); the other convs: narrow ones around 1."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            c = m.out_channels
+            out[name] = (torch.randn(c, generator=g) * 2.5).exp() if name == "features.0" else \
+                1.0 + 0.1 * torch.rand(c, generator=g)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["rank", "zscore", "mean"])
+def test_global_cut_on_rank_scores_removes_similar_fractions(cnn, x, mode) -> None:
+    from edgeprune.scoring import ChannelScores, make_importance
+
+    scores = _skewed_scores(cnn)
+    imp = make_importance("sae-mi", ChannelScores("sae-mi", scores, 0.0, "labels"), normalize="none")
+    res = prune_model(cnn, x, imp, ratio=0.3, round_to=None, global_ranking=True, global_normalize=mode,
+                      progress=False)
+    removed = {r.name: 1 - r.channels_after / r.channels_before for r in res.layers if r.name in scores}
+    spread = max(removed.values()) - min(removed.values())
+    if mode == "mean":  # dividing by the layer mean leaves the heavy-tailed layer far below the others
+        assert removed["features.0"] > 0.6 and spread > 0.4, removed
+    elif mode == "rank":
+        assert spread < 0.15, removed
+    else:  # z-scores of a heavy-tailed layer bunch just below 0: fairer than mean, not even
+        assert 0.2 < sum(removed.values()) / len(removed) < 0.4, removed
+
+
+def test_unknown_global_normalize_raises(cnn, x) -> None:
+    with pytest.raises(PruneError, match="global_normalize"):
+        prune_model(cnn, x, _magnitude(), ratio=0.3, global_ranking=True, global_normalize="median", progress=False)
+
+
+def test_iterative_pruning_rescores_the_slimmed_model(tiny_model, tiny_data) -> None:
+    from edgeprune.scoring import make_importance, make_rescorer, score_model
+
+    data = tiny_data.subset(range(16))
+    x1 = data.images[:1]
+    first = score_model(tiny_model, data, criterion="sae-mi", batch_size=16, progress=False)
+    inner = make_rescorer("sae-mi", data, batch_size=16)
+    seen = []
+
+    def rescore(model):
+        seen.append({n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)})
+        imp, scores = inner(model)
+        assert all(len(scores[n]) == seen[-1][n] for n in scores)  # scores of the slimmed model
+        return imp, scores
+
+    res = prune_model(tiny_model, x1, make_importance("sae-mi", first), target_macs_reduction=2.0, round_to=None,
+                      iterative_steps=3, rescore=rescore, scores=first.scores, progress=False)
+    assert res.target_met and abs(res.macs_reduction / 2.0 - 1) <= 0.02, res.table()
+    assert len(seen) == 2 and [s["rescored"] for s in res.steps] == [False, True, True]
+    macs = [s["macs"] for s in res.steps]
+    assert macs == sorted(macs, reverse=True) and macs[0] < res.macs_before  # every step slims the model
+    assert sum(seen[0].values()) < sum(c for n, c in channel_plan(tiny_model).items() if n in seen[0])
+    base = channel_plan(tiny_model)
+    assert all(res.plan[n] >= math.ceil(base[n] * 0.2) for n in seen[0])  # the cap holds overall
+    assert res.model(x1).shape == (1, 4)
+
+
+def test_cli_prune_rescore_between_steps(tmp_path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from edgeprune.cli import app
+
+    g = torch.Generator().manual_seed(0)
+    for c in range(2):
+        (tmp_path / "calib" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            arr = (torch.rand(28, 28, generator=g) * (60 + 150 * c)).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / "calib" / f"c{c}" / f"{i}.png")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "model: {arch: 'edgeprune.zoo:fmnist_cnn', weights: null, num_classes: 2, kwargs: {widths: [8, 8, 16]}}\n"
+        f"data: {{calibration: '{tmp_path / 'calib'}', min_calibration: 8, batch_size: 8}}\n"
+        "score: {num_images: 16, quantization: zero-quantile, selection: greedy}\n"
+        "prune: {iterative_steps: 2, rescore_between_steps: true, target_macs_reduction: 1.5}\n")
+    out = tmp_path / "p"
+    result = CliRunner().invoke(app, ["prune", "-c", str(cfg), "--round-to", "1", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads((out / "prune_report.json").read_text())
+    assert [s["rescored"] for s in report["steps"]] == [False, True] and report["target_met"]
+
+
+def test_iterative_rescoring_with_a_fixed_ratio(cnn, x) -> None:
+    calls = []
+
+    def rescore(model):
+        calls.append(1)
+        return _magnitude(), None
+
+    res = prune_model(cnn, x, _magnitude(), ratio=0.5, round_to=None, iterative_steps=2, rescore=rescore,
+                      progress=False)
+    assert res.target is None and res.target_met and len(calls) == 1
+    first = channel_plan(cnn)["features.3"]
+    assert abs(res.plan["features.3"] - first * 0.5) <= 2, res.table()  # 1 - (1 - 0.5)^(1/2) twice

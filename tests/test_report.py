@@ -107,3 +107,55 @@ def test_html_renders_in_headless_chromium(written):
     assert img.size == (1280, 2400)
     lo, hi = img.getextrema()
     assert hi - lo > 100, "the screenshot is blank"
+
+
+def _with_baselines(report: dict) -> dict:
+    """The example report as a run with the baseline on writes it: ``baseline`` and ``speedup`` per artifact."""
+    out = copy.deepcopy(report)
+    for i, a in enumerate(out["artifacts"]):
+        after = a["latency_ms"]["p50"]
+        before = round(after * (1.5 + 0.25 * i), 4)
+        a["baseline"] = {"path": f"baseline/{a['target']}/{a['precision']}/model.onnx", "size_bytes": 1000,
+                         "accuracy": 0.93, "accuracy_drop_pt": 0.0,
+                         "latency_ms": {k: before for k in ("p50", "p90", "p95", "p99", "min", "max", "mean")},
+                         "timing": {"pruned_latency_ms": {"p50": after, "p90": after}, "rounds": 10,
+                                    "order": "interleaved, alternating baseline-pruned / pruned-baseline",
+                                    "batch_size": 1, "scope": "inference"}}
+        a["speedup"] = round(before / after, 4)
+    return out
+
+
+def test_report_with_baselines_keeps_the_contract_and_shows_the_speedup(tmp_path, report):
+    rich = _with_baselines(report)
+    paths = write_report(tmp_path, rich)
+    data = json.loads(paths["json"].read_text())
+    assert {"model", "accuracy", "artifacts"} <= set(data)  # the existing contract
+    assert data["model"] == report["model"] and data["accuracy"] == report["accuracy"]
+    for old, new in zip(report["artifacts"], data["artifacts"]):
+        assert {k: new[k] for k in old} == old  # every old field unchanged; baseline/speedup added
+        assert new["speedup"] == pytest.approx(new["baseline"]["latency_ms"]["p50"] / new["latency_ms"]["p50"],
+                                               rel=1e-3)
+        assert {"latency_ms", "accuracy"} <= set(new["baseline"])
+    md = paths["md"].read_text()
+    assert "## Speed-up vs the unpruned model" in md and "| Speed-up |" in md
+    head = md.split("## Speed-up vs the unpruned model")[1].split("## Artifacts")[0]
+    rows = [line for line in head.splitlines() if line.startswith("| ") and "| Target |" not in line]
+    assert len(rows) == len(report["artifacts"])
+    first = rich["artifacts"][0]
+    assert f"| {first['latency_ms']['p50'] * 1.5:.3f} | {first['latency_ms']['p50']:.3f} | 1.50x | 93.00 |" in rows[0]
+    assert "10 rounds alternating baseline and pruned" in md
+    html = paths["html"].read_text()
+    assert "Speed-up vs the unpruned model" in html and "1.50x" in html
+    assert "1.50x" in summary_table(rich)
+
+
+def test_plot_shows_baseline_points(report):
+    from edgeprune.plots_report import accuracy_vs_latency
+
+    plain, rich = accuracy_vs_latency(report), accuracy_vs_latency(_with_baselines(report))
+    assert plain and rich and rich != plain  # baseline points and arrows drawn
+
+
+def test_report_without_baselines_has_no_speedup_section(written):
+    md = written["md"].read_text()
+    assert "## Speed-up" not in md and "| Speed-up |" in md  # the column is there, its cells "-"

@@ -21,8 +21,12 @@ def bench(
     min_runs: int = typer.Option(100), min_time_s: float = typer.Option(2.0), max_time_s: float = typer.Option(60.0),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the result (with all samples) here"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    against: Optional[Path] = typer.Option(None, "--against", help="a second artifact folder (e.g. the unpruned "
+                                           "model's): both are timed interleaved and compared"),
+    rounds: int = typer.Option(10, min=1, help="with --against: alternating slots per artifact"),
 ) -> None:
-    """Time a compiled artifact: warm-up, then p50/p90/p95/p99/min/max/mean and throughput."""
+    """Time a compiled artifact: warm-up, then p50/p90/p95/p99/min/max/mean and throughput.
+    With --against B: time both interleaved (A B, B A, ...) and print p50/p90 of each and the ratio."""
     from ..bench import SCOPES, bench_artifact
     from ..config import BenchConfig, parse
     from ..safety import atomic_write, check_writable
@@ -36,6 +40,9 @@ def bench(
         check_writable(json_out, "--json", folder=False)
     art = _load_artifact(artifact)
     tgt = _target_for(art, target, threads)
+    if against is not None:
+        _bench_against(art, _load_artifact(against), tgt, cfg, rounds=rounds, json_out=json_out)
+        return
     result = bench_artifact(art, target=tgt, cfg=cfg, progress=progress)
     typer.echo(bench_table(art, result))
     if json_out:
@@ -113,6 +120,38 @@ def _target_for(artifact, target: Optional[str], threads: Optional[int]):
 
     tgt = load_target(target or artifact.target)
     return tgt.model_copy(update={"threads": threads}) if threads else tgt
+
+
+def _bench_against(art, other, tgt, cfg, *, rounds: int, json_out: Optional[Path]) -> None:
+    from ..bench import bench_interleaved
+
+    if len(cfg.batch_sizes or []) > 1:
+        raise ConfigError("--against times one batch size; pass at most one --batch-size")
+    result = bench_interleaved({"A": art, "B": other}, target=tgt, cfg=cfg, rounds=rounds)
+    typer.echo(against_table(art, other, result))
+    if json_out:
+        payload = {"A": art.to_dict(), "B": other.to_dict(), "target": tgt.name, **result}
+        from ..safety import atomic_write
+
+        atomic_write(json_out, json.dumps(payload, indent=1, default=str))
+        typer.echo(f"wrote {json_out}")
+
+
+def against_table(art, other, result: dict) -> str:
+    """p50/p90 of A and B from one interleaved measurement, and B/A (how many times faster A is)."""
+    from ..bench import speedup
+    from ..report import plain_table
+
+    res = result["results"]
+    rows = [[name, f"{a.target}/{a.precision} {a.path}", str(res[name]["n_runs"]), f"{res[name]['p50']:.3f}",
+             f"{res[name]['p90']:.3f}"] for name, a in (("A", art), ("B", other))]
+    env = result.get("env", {})
+    head = (f"interleaved on {env.get('cpu_model')}, {env.get('cpu_cores_available')} cores, threads "
+            f"{result.get('threads') or 'default'}, batch {res['A']['batch_size']}, {result['rounds']} rounds "
+            f"({result['order']}); timed: {res['A'].get('timed', '-')}")
+    ratio = (f"p50 B / A = {speedup(res['B']['p50'], res['A']['p50']):.3f}x   "
+             f"p90 B / A = {speedup(res['B']['p90'], res['A']['p90']):.3f}x   (> 1: A is faster)")
+    return "\n".join([head, plain_table(["", "artifact", "runs", "p50 ms", "p90 ms"], rows), ratio])
 
 
 def bench_table(artifact, result: dict) -> str:

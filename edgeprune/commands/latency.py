@@ -62,7 +62,8 @@ def _model_and_scores(cfg, progress: bool):
     scores = score_model(model, calib, criterion=sc.criterion, num_classes=cfg.model.num_classes,
                          batch_size=cfg.data.batch_size, levels=sc.levels, radius=sc.radius,
                          quantization=sc.quantization, use_predicted_labels=sc.use_predicted_labels,
-                         cache_mb=sc.cache_mb, progress=progress, **sc.params)
+                         cache_mb=sc.cache_mb, progress=progress, selection=sc.selection,
+                         redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy, **sc.params)
     return model, scores.scores
 
 

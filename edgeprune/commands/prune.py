@@ -56,7 +56,7 @@ def _overrides(weights, arch, criterion, ratio, target_macs, target_params, roun
 
 def _scores_and_importance(model, cfg, progress: bool):
     from ..data import load_calibration
-    from ..scoring import CRITERIA, make_importance, score_model
+    from ..scoring import CRITERIA, make_importance, make_rescorer, score_model
 
     sc = cfg.score
     crit = CRITERIA.get(sc.criterion)
@@ -64,13 +64,14 @@ def _scores_and_importance(model, cfg, progress: bool):
         raise ConfigError(f"criterion {sc.criterion!r} needs gradients, which `edgeprune prune` does not compute",
                           hint="use l1, l2, fpgm, bn-scale, random, sae, sae-mi, sae-kernel-mi or mi")
     if not crit.needs_data:
-        return make_importance(sc.criterion, normalize=cfg.prune.normalize), None
+        return make_importance(sc.criterion, normalize=cfg.prune.normalize), None, None
     calib = load_calibration(cfg.data, sc.num_images).data
-    scores = score_model(model, calib, criterion=sc.criterion, num_classes=cfg.model.num_classes,
-                         batch_size=cfg.data.batch_size, levels=sc.levels, radius=sc.radius,
-                         quantization=sc.quantization, use_predicted_labels=sc.use_predicted_labels,
-                         cache_mb=sc.cache_mb, progress=progress, **sc.params)
-    return make_importance(sc.criterion, scores, normalize=cfg.prune.normalize), scores.scores
+    kw = dict(num_classes=cfg.model.num_classes, batch_size=cfg.data.batch_size, levels=sc.levels, radius=sc.radius,
+              quantization=sc.quantization, use_predicted_labels=sc.use_predicted_labels, cache_mb=sc.cache_mb,
+              selection=sc.selection, redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy, **sc.params)
+    scores = score_model(model, calib, criterion=sc.criterion, progress=progress, **kw)
+    rescore = make_rescorer(sc.criterion, calib, normalize=cfg.prune.normalize, **kw)
+    return make_importance(sc.criterion, scores, normalize=cfg.prune.normalize), scores.scores, rescore
 
 
 def run_prune(*, config: Optional[Path], overrides: dict, out: Path, ignore: list[str], progress: bool = True) -> Path:
@@ -89,14 +90,15 @@ def run_prune(*, config: Optional[Path], overrides: dict, out: Path, ignore: lis
     in_ch = cfg.model.in_channels or cfg.data.preprocessing.channels
     model = load_model(cfg.model, in_ch)
     shape = cfg.data.preprocessing.shape
-    importance, scores = _scores_and_importance(model, cfg, progress)
+    importance, scores, rescore = _scores_and_importance(model, cfg, progress)
     p = cfg.prune
     result = prune_model(model, torch.zeros(1, *shape), importance, target_macs_reduction=p.target_macs_reduction,
                          target_params_reduction=p.target_params_reduction, ratio=p.ratio,
                          round_to=p.round_to if p.round_to is not None else 8, max_layer_ratio=p.max_layer_ratio,
                          global_ranking=p.global_ranking, iterative_steps=p.iterative_steps,
-                         ignore=[*p.ignore, *ignore], tolerance=p.tolerance, scores=scores, progress=progress,
-                         trace_timeout_s=p.trace_timeout_s)
+                         ignore=[*p.ignore, *ignore], tolerance=p.tolerance, scores=scores,
+                         rescore=rescore if p.rescore_between_steps else None, global_normalize=p.global_normalize,
+                         progress=progress, trace_timeout_s=p.trace_timeout_s)
     save_pruned(result.model, out, arch=cfg.model.arch, model_kwargs=cfg.model.kwargs,
                 num_classes=cfg.model.num_classes, in_channels=in_ch, input_shape=shape)
     atomic_write(out / "prune_table.txt", result.table() + "\n")

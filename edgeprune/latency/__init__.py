@@ -62,6 +62,7 @@ def latency_prune(model: nn.Module, example: torch.Tensor, *, target: TargetConf
                   cache_dir: Optional[Path] = None, progress: bool = True, round_to: Optional[int] = None,
                   max_layer_ratio: float = 0.8, tolerance: float = 0.05, ignore: Sequence[str] = (),
                   lut_points: int = 3, lut_holdout: int = 4, measure_settings: Optional[MeasureSettings] = None,
+                  lut_model: str = "auto", lut_fit: int = 3,
                   between_rounds: Optional[Callable[[nn.Module], object]] = None) -> LatencySearchResult:
     """Prune a copy of ``model`` until its measured p50 on ``target`` is within ``tolerance`` of ``budget_ms``.
 
@@ -70,6 +71,7 @@ def latency_prune(model: nn.Module, example: torch.Tensor, *, target: TargetConf
     (tests use a fake). The table is cached under ``cache_dir`` (default ``~/.cache/edgeprune/latency``
     with the default measure; with a custom ``measure`` only when ``cache_dir`` is given).
     ``between_rounds(model)`` runs after each accepted confirmation (e.g. a short fine-tune, in place).
+    ``lut_model`` / ``lut_fit``: the table's cost model and its whole-model fit configurations (:mod:`.lut`).
     """
     _check(budget_ms, confirm_every, tolerance)
     model = model.eval()
@@ -87,7 +89,7 @@ def latency_prune(model: nn.Module, example: torch.Tensor, *, target: TargetConf
                   points=lut_points, holdout=lut_holdout, measure_id=measure_id)
     table = build_lut(model, example, groups=groups, measure=measure, key=key, round_to=round_to,
                       max_layer_ratio=max_layer_ratio, points=lut_points, holdout=lut_holdout, cache_dir=cache_dir,
-                      progress=progress)
+                      progress=progress, cost_model=lut_model, fit_configs=lut_fit)
     settings = SearchSettings(budget_ms=budget_ms, round_to=round_to, confirm_every=confirm_every,
                               tolerance=tolerance, max_layer_ratio=max_layer_ratio)
     return latency_search(model, example, groups=groups, lut=table, scores=norm, measure=measure, settings=settings,

@@ -155,15 +155,16 @@ def magnitude_scores(model: nn.Module, p: int = 2) -> dict[str, torch.Tensor]:
     return out
 
 
-def normalized_scores(model: nn.Module, scores: Optional[dict[str, torch.Tensor]], *, p: int = 2
-                      ) -> dict[str, torch.Tensor]:
-    """Every conv/linear gets a score divided by its layer mean; layers without one fall back to Lp magnitude."""
+def normalized_scores(model: nn.Module, scores: Optional[dict[str, torch.Tensor]], *, p: int = 2,
+                      normalize: str = "rank") -> dict[str, torch.Tensor]:
+    """Every conv/linear gets its scores normalized per layer (default the rank / (C - 1), so that the
+    search compares layers on one scale); layers without scores fall back to Lp magnitude."""
     from ..scoring import normalize_scores
 
-    out = {k: normalize_scores(v.detach().float().cpu(), "mean") for k, v in magnitude_scores(model, p).items()}
+    out = {k: normalize_scores(v.detach().float().cpu(), normalize) for k, v in magnitude_scores(model, p).items()}
     for k, v in (scores or {}).items():
         if k in out and len(v) != len(out[k]):
             raise PruneError(f"scores for {k} cover {len(v)} channels but the layer has {len(out[k])}")
         if k in out:
-            out[k] = normalize_scores(torch.as_tensor(v).detach().float().cpu(), "mean")
+            out[k] = normalize_scores(torch.as_tensor(v).detach().float().cpu(), normalize)
     return out

@@ -166,7 +166,7 @@ def _candidates(state: _State, example: torch.Tensor, groups: list[GroupInfo], l
         to = s.width_after_step(g.channels, c, mult.get(g.name, 1))
         if to >= c or to < 1:
             continue
-        saving = lut.delta(g.name, c) - lut.delta(g.name, to)
+        saving = lut.saving(state.plan, g.name, c, to)
         out.append(_Candidate(g.name, c - to, _lowest_scores_sum(state, dg, g.name, c - to), saving))
     return out
 
@@ -298,5 +298,6 @@ def latency_search(model: nn.Module, example: torch.Tensor, *, groups: list[Grou
         lut={"base_ms": lut.base_ms, "from_cache": lut.from_cache, "measurements": lut.measurements,
              "seconds": lut.seconds, "key": lut.key, "full": lut.full,
              "deltas": {g: {str(c): v for c, v in t.items()} for g, t in lut.deltas.items()},
-             "holdout": lut.holdout},
+             "holdout": lut.holdout, "cost_model": lut.fit.get("model", "additive"),
+             "fit": {k: v for k, v in lut.fit.items() if k not in ("layers", "fit_configs")}},
         criterion=criterion, seconds=time.perf_counter() - t0)

@@ -17,21 +17,29 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
-from .adapters import NORMALIZERS, check_normalize, make_score_importance, normalize_scores
-from .aura import (QUANTIZATIONS, RangeTracker, aura_matrix, class_aura_matrices, half_offsets, normalized_aura,
-                   quantize, quantize_minmax, sae, sae_mi_from_class_auras, uniform_edges)
-from .criteria import CRITERIA, Criterion, ScoringContext
+from .adapters import (NORMALIZERS, check_normalize, make_score_importance, normalize_scores, normalized_importance,
+                       rank_scores)
+from .aura import (QUANTIZATIONS, ZERO_LEVEL, RangeTracker, aura_matrix, class_aura_matrices, class_level_histograms,
+                   half_offsets, has_neighbours, normalized_aura, per_image_sae, quantize, quantize_minmax, sae,
+                   sae_mi_from_class_auras, uniform_edges)
+from .criteria import CRITERIA, Criterion, ScoringContext, filter_l1
 from .hooks import Tap, TapRecorder, find_taps, iterate_maps
-from .kernel_mi import (gaussian_gram, kernel_alignment, kernel_mi_scores, label_gram, matrix_entropy,
+from .kernel_mi import (DEFAULT_MI_BATCH, BatchedKernelMI, batch_kernel_mi, gaussian_gram, joint_entropy_by_class,
+                        kernel_alignment, kernel_mi_scores, label_entropy, label_gram, matrix_entropy,
                         pairwise_sq_dists, renyi_entropy_from_eigs, renyi_mi, select_sigma, unit_trace)
+from .selection import REDUNDANCIES, SELECTIONS, ActivationStats, check_selection, greedy_order, greedy_scores
 
 __all__ = [
-    "CRITERIA", "ChannelScores", "Criterion", "NORMALIZERS", "QUANTIZATIONS", "RangeTracker", "ScoringContext", "Tap",
-    "TapRecorder", "aura_matrix", "class_aura_matrices", "find_taps", "gaussian_gram", "half_offsets",
-    "iterate_maps", "kernel_alignment", "kernel_mi_scores", "label_gram", "make_importance", "matrix_entropy",
-    "needs_data", "needs_gradients", "needs_labels", "normalize_scores", "normalized_aura", "pairwise_sq_dists",
-    "predict_labels", "quantize", "quantize_minmax", "renyi_entropy_from_eigs", "renyi_mi", "sae",
-    "sae_mi_from_class_auras", "score_model", "select_sigma", "uniform_edges", "unit_trace",
+    "CRITERIA", "ChannelScores", "Criterion", "DEFAULT_MI_BATCH", "NORMALIZERS", "QUANTIZATIONS", "REDUNDANCIES",
+    "SELECTIONS", "ZERO_LEVEL", "ActivationStats", "BatchedKernelMI", "RangeTracker", "ScoringContext", "Tap",
+    "TapRecorder", "aura_matrix", "batch_kernel_mi", "check_selection", "class_aura_matrices",
+    "class_level_histograms", "filter_l1", "find_taps", "gaussian_gram", "greedy_order", "greedy_scores",
+    "half_offsets", "has_neighbours", "iterate_maps", "joint_entropy_by_class", "kernel_alignment",
+    "kernel_mi_scores", "label_entropy", "label_gram", "make_importance", "make_rescorer", "matrix_entropy",
+    "needs_data", "needs_gradients", "needs_labels", "normalize_scores", "normalized_aura", "normalized_importance",
+    "pairwise_sq_dists", "per_image_sae", "predict_labels", "quantize", "quantize_minmax", "rank_scores",
+    "renyi_entropy_from_eigs", "renyi_mi", "sae", "sae_mi_from_class_auras", "score_model", "select_sigma",
+    "uniform_edges", "unit_trace",
 ]
 
 
@@ -102,7 +110,7 @@ def make_importance(criterion: str, scores: Optional[ChannelScores] = None, *, n
     crit = CRITERIA.get(criterion)
     nz = check_normalize(normalize)
     if crit.importance is not None:
-        return crit.importance(nz)
+        return normalized_importance(crit.importance(nz), normalize)
     if scores is None:
         raise ConfigError(f"criterion {criterion!r} needs channel scores; run score_model() first")
     if scores.criterion != criterion:
@@ -139,17 +147,28 @@ def _check_args(levels: int, radius: int, quantization: str, batch_size: int, ca
 def score_model(model: nn.Module, data, *, criterion: str = "sae-mi", num_classes: Optional[int] = None,
                 batch_size: int = 128, device: str = "cpu", levels: int = 8, radius: int = 1,
                 quantization: str = "minmax", use_predicted_labels: bool = False, progress: bool = True,
-                cache_mb: float = 256.0, **params) -> ChannelScores:
+                cache_mb: float = 256.0, selection: str = "rank", redundancy_lambda: float = 0.5,
+                redundancy: str = "max", **params) -> ChannelScores:
     """Per-channel scores of every ``Conv2d`` of ``model`` on calibration ``data`` (a TensorData).
 
     torch-pruning criteria compute their importance inside the pruner: the scores dict is empty.
     Quantized criteria keep up to ``cache_mb`` MiB of tapped maps from the statistics pass instead
     of recomputing them with a second forward pass (0: stream only); the scores do not depend on it.
+    ``selection="greedy"`` (SAE criteria): within each layer, order the channels by relevance minus
+    ``redundancy_lambda`` x their ``redundancy`` (max | mean |correlation|) with those already
+    picked; the scores become that order (see :mod:`edgeprune.scoring.selection`).
     """
     crit = CRITERIA.get(criterion)
     _check_args(levels, radius, quantization, batch_size, cache_mb)
+    check_selection(selection, redundancy, redundancy_lambda)
+    if selection == "greedy" and not crit.sae_family:
+        sae_names = [n for n in CRITERIA.names() if CRITERIA.get(n).sae_family]
+        raise ConfigError(f"selection 'greedy' is an option of the SAE criteria ({', '.join(sae_names)}), "
+                          f"not of {criterion!r}")
     record = {"levels": levels, "radius": radius, "quantization": quantization, "num_images": len(data.images),
               **params}
+    if selection != "rank":
+        record.update({"selection": selection, "redundancy_lambda": redundancy_lambda, "redundancy": redundancy})
     if not crit.needs_data:
         return ChannelScores(criterion, {}, 0.0, "none", record)
     if len(data.images) == 0:
@@ -162,10 +181,25 @@ def score_model(model: nn.Module, data, *, criterion: str = "sae-mi", num_classe
     ctx = ScoringContext(model, data.images, labels, k, taps, batch_size, device, levels, radius, quantization,
                          progress, dict(params), cache_mb=cache_mb)
     scores = crit.compute(ctx)
+    if selection == "greedy":
+        scores = {name: greedy_scores(s, ctx.stats[name].abs_correlation(), lam=redundancy_lambda, mode=redundancy)
+                  for name, s in scores.items()}
     seconds = time.perf_counter() - t0
     record.update({"num_classes": k, "taps": {c: list(t.chain) for c, t in taps.items()}, **_jsonable(ctx.info)})
     ordered = {name: scores[name] for name in taps if name in scores}
     return ChannelScores(criterion, ordered, seconds, source, record)
+
+
+def make_rescorer(criterion: str, data, *, normalize: str = "mean", **score_kwargs):
+    """``rescore(model) -> (importance, scores)`` for :func:`edgeprune.prune.prune_model`'s iterative
+    schedule: scores ``model`` (the slimmed one) on ``data`` with ``score_model(**score_kwargs)``."""
+    def rescore(model: nn.Module):
+        if not needs_data(criterion):
+            return make_importance(criterion, normalize=normalize), None
+        sc = score_model(model, data, criterion=criterion, **{"progress": False, **score_kwargs})
+        return make_importance(criterion, sc, normalize=normalize), sc.scores
+
+    return rescore
 
 
 def _jsonable(d: dict) -> dict:

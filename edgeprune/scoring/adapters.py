@@ -8,9 +8,12 @@ scattered onto the group's root indices; the group score is their mean. A group 
 member has a score (e.g. a conv that never ran on the calibration data, or a Linear) falls back
 to torch-pruning's group L2 magnitude, normalized the same way.
 
-Normalization (``mean`` | ``max`` | ``sum`` | ``none``) is applied to each layer's full score
-vector before aggregation, so that layers with different score scales can be compared when the
-pruner ranks globally; it does not change a ranking inside one layer.
+Normalization is applied to each layer's full score vector before aggregation, so that layers with
+different score scales can be compared when the pruner ranks globally; it does not change a ranking
+inside one layer. ``rank`` (the per-layer rank / (C - 1), ties averaged) and ``zscore`` make layers
+comparable (``zscore`` less so for heavy-tailed layers, whose z-scores bunch just below 0; ``rank``
+is the default where layers meet); ``mean`` | ``max`` | ``sum`` only rescale, which does not (measured: a global 30 % cut on
+mean-normalized sae-mi removed 59 % of the first layer of the bundled model and 7 % of the last).
 """
 from __future__ import annotations
 
@@ -20,23 +23,59 @@ import torch
 
 from ..errors import ConfigError, PruneError
 
-NORMALIZERS = ("mean", "max", "sum", "none")
+NORMALIZERS = ("mean", "max", "sum", "none", "rank", "zscore")
+_OWN = ("rank", "zscore")  # torch-pruning has no such normalizer: applied by us on its group scores
 
 
 def check_normalize(normalize: str) -> Optional[str]:
-    """Our option -> torch-pruning's ``normalizer`` argument."""
+    """Our option -> torch-pruning's ``normalizer`` argument (None where we normalize ourselves)."""
     if normalize not in NORMALIZERS:
         raise ConfigError(f"unknown score normalization {normalize!r}; valid: {', '.join(NORMALIZERS)}")
-    return None if normalize == "none" else normalize
+    return None if normalize in ("none", *_OWN) else normalize
+
+
+def rank_scores(s: torch.Tensor) -> torch.Tensor:
+    """(C,) -> (C,) rank / (C - 1) in [0, 1], ties sharing their average rank; 0.5 for one channel."""
+    s = s.detach().flatten().double()
+    n = s.numel()
+    if n <= 1:
+        return torch.full((n,), 0.5)
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)  # over the sorted values
+    first = torch.cumsum(counts, 0) - counts  # rank of the first of each tied run
+    avg = first.double() + (counts.double() - 1.0) / 2.0  # (U,)
+    return (avg[inverse] / (n - 1)).float()
 
 
 def normalize_scores(s: torch.Tensor, normalize: str) -> torch.Tensor:
-    """(C,) -> (C,) divided by its mean / max / sum (left alone when that is 0)."""
+    """(C,) -> (C,): per-layer rank in [0, 1], z-score, or divided by its mean / max / sum (left alone when 0)."""
     check_normalize(normalize)
     if normalize == "none":
         return s
+    if normalize == "rank":
+        return rank_scores(s)
+    if normalize == "zscore":
+        sd = s.float().std(unbiased=False) if s.numel() > 1 else torch.tensor(0.0)
+        return (s - s.mean()) / sd if float(sd) > 0 else torch.zeros_like(s)
     denom = {"mean": s.mean, "max": s.max, "sum": s.sum}[normalize]()
     return s / denom if float(denom) > 0 else s
+
+
+def normalized_importance(inner, normalize: str):
+    """Wrap a torch-pruning importance so its group scores get our ``rank`` / ``zscore`` normalization."""
+    import torch_pruning as tp
+
+    if normalize not in _OWN:
+        return inner
+
+    class _Normalized(tp.importance.Importance):
+        def __init__(self) -> None:
+            self.inner, self.normalize = inner, normalize
+
+        def __call__(self, group):
+            imp = self.inner(group)
+            return None if imp is None else normalize_scores(imp.float(), normalize)
+
+    return _Normalized()
 
 
 def _conv_out_fns():
@@ -59,7 +98,8 @@ def make_score_importance(scores: dict[str, torch.Tensor], *, normalize: str = "
         def __init__(self) -> None:
             self.normalize = normalize
             self.scores = {k: normalize_scores(v.detach().float().cpu(), normalize) for k, v in scores.items()}
-            self.fallback = tp.importance.GroupMagnitudeImportance(p=2, normalizer=check_normalize(normalize))
+            self.fallback = normalized_importance(
+                tp.importance.GroupMagnitudeImportance(p=2, normalizer=check_normalize(normalize)), normalize)
 
         @torch.no_grad()
         def __call__(self, group) -> torch.Tensor:

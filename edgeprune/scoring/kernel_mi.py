@@ -8,6 +8,11 @@ eigendecomposition; alpha = 2: ``-log2 ||A||_F^2``, no eigendecomposition). Join
 alignment with the label kernel, averaged over the layer's channels.
 
 Everything is batched over channels, ``(C, N, N)``, in chunks that bound memory.
+
+:class:`BatchedKernelMI` is the HRel baseline: the MI per mini-batch of ``DEFAULT_MI_BATCH`` images,
+averaged over mini-batches (linear in N), with exact shortcuts that change no value: one distance
+matrix per mini-batch for both the sigma search and the Gram, S(labels) = the label entropy, and the
+joint matrix's eigenvalues from its per-class diagonal blocks.
 """
 from __future__ import annotations
 
@@ -117,3 +122,112 @@ def kernel_mi_scores(x: torch.Tensor, labels: torch.Tensor, *, alpha: float = 1.
         k = gaussian_gram(pairwise_sq_dists(xc[sl]), sigma)  # (c, N, N)
         out[sl] = renyi_mi(k, ky, alpha=alpha).double().cpu()
     return out.clamp_min(0.0), sigma
+
+
+# ----------------------------------------------------------------------------- HRel: mini-batches, exact shortcuts
+
+DEFAULT_MI_BATCH = 100
+
+
+def label_entropy(labels: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """S_alpha of the unit-trace label kernel ``1[y_i = y_j] / N``: its nonzero eigenvalues are the class
+    proportions, so it is the Renyi entropy of the label distribution (H(Y) for alpha = 1), exactly."""
+    p = torch.bincount(labels.long()).double()
+    p = p[p > 0] / p.sum()
+    return renyi_entropy_from_eigs(p, alpha)
+
+
+def joint_entropy_by_class(k: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """(C, N, N) Gram matrices with unit diagonal, (N,) labels -> (C,) S_alpha(A o B / tr(A o B)).
+
+    With the label kernel ``1[y_i = y_j]``, ``A o B`` is block-diagonal by class (rows and columns
+    grouped by label), so its eigenvalues are those of the K diagonal blocks ``K[y=k][:, y=k]``:
+    K eigendecompositions of n_k x n_k instead of one of N x N. The normalization is by the trace of
+    the whole joint matrix (``sum_k tr K_kk``).
+    """
+    eigs = []
+    for cls in torch.unique(labels):
+        idx = (labels == cls).nonzero().flatten().to(k.device)
+        eigs.append(torch.linalg.eigvalsh(k[:, idx][:, :, idx]))  # (C, n_k)
+    lam = torch.cat(eigs, dim=1)  # (C, N) all eigenvalues of the block-diagonal matrix
+    return renyi_entropy_from_eigs(lam, alpha)  # normalizes by the sum = the trace
+
+
+def _alignment_with_labels(d2: torch.Tensor, same: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
+    """(C, n, n) distances, (n, n) label kernel -> (len(grid),) summed alignment over the channels."""
+    ky_norm = same.norm()
+    out = torch.empty(len(grid), dtype=torch.float64)
+    for i, s in enumerate(grid):
+        k = gaussian_gram(d2, s)
+        num = (k * same).sum(dim=(-1, -2))
+        out[i] = (num / (k.flatten(-2).norm(dim=-1) * ky_norm).clamp_min(1e-30)).double().sum()
+    return out
+
+
+def batch_kernel_mi(x: torch.Tensor, labels: torch.Tensor, *, alpha: float = 1.0,
+                    sigma_factors: Sequence[float] = DEFAULT_SIGMA_FACTORS,
+                    sigma: float | None = None) -> tuple[torch.Tensor, float]:
+    """(C, n, D) samples of C filters, (n,) labels -> ((C,) I_alpha in bits, sigma) for one mini-batch.
+
+    The same value as :func:`kernel_mi_scores` on these samples, computed with the exact shortcuts:
+    one distance matrix per channel serves the sigma search (alignment over the grid) and the Gram;
+    S(labels) is the label entropy; the joint entropy comes from the per-class blocks.
+    """
+    labels = labels.to(x.device)
+    d2 = pairwise_sq_dists(x)  # (C, n, n), computed once
+    same = label_gram(labels, x.dtype)
+    if sigma is None:
+        grid = [f * layer_scale(x) for f in sigma_factors]
+        sigma = grid[int(_alignment_with_labels(d2, same, grid).argmax())]
+    k = gaussian_gram(d2, sigma)  # (C, n, n), unit diagonal
+    if alpha == 2.0:
+        s_a = matrix_entropy(unit_trace(k), 2.0)
+        s_joint = matrix_entropy(unit_trace(k * same), 2.0)
+    else:
+        s_a = renyi_entropy_from_eigs(torch.linalg.eigvalsh(k), alpha)
+        s_joint = joint_entropy_by_class(k, labels, alpha)
+    mi = s_a.double() + label_entropy(labels.cpu(), alpha).to(s_a.device) - s_joint.double()
+    return mi.cpu().clamp_min(0.0), sigma
+
+
+class BatchedKernelMI:
+    """Streaming HRel estimator: per layer, samples are buffered into mini-batches of ``batch_size``
+    images; each mini-batch gives (C,) MI values; ``finish`` scores the last, smaller mini-batch
+    (dropped if it holds a single image: one sample carries no MI) and averages over the mini-batches,
+    weighted by their size."""
+
+    def __init__(self, *, batch_size: int = DEFAULT_MI_BATCH, alpha: float = 1.0,
+                 sigma_factors: Sequence[float] = DEFAULT_SIGMA_FACTORS):
+        self.batch_size, self.alpha, self.sigma_factors = batch_size, alpha, tuple(sigma_factors)
+        self._buf: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._sum: dict[str, torch.Tensor] = {}
+        self._weight: dict[str, int] = {}
+        self.sigmas: dict[str, list[float]] = {}
+        self.batches = 0
+
+    def add(self, name: str, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """(B, C, D) samples and (B,) labels of layer ``name``, in calibration order."""
+        xs, ys = self._buf.setdefault(name, ([], []))
+        xs.append(x)
+        ys.append(labels)
+        while sum(len(t) for t in ys) >= self.batch_size:
+            bx, by = torch.cat(xs), torch.cat(ys)
+            xs[:], ys[:] = [bx[self.batch_size:]], [by[self.batch_size:]]
+            self._score(name, bx[: self.batch_size], by[: self.batch_size])
+
+    def _score(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        xc = x.transpose(0, 1).float().contiguous()  # (C, n, D)
+        mi, sigma = batch_kernel_mi(xc, y, alpha=self.alpha, sigma_factors=self.sigma_factors)
+        n = len(y)
+        self._sum[name] = mi * n if name not in self._sum else self._sum[name] + mi * n
+        self._weight[name] = self._weight.get(name, 0) + n
+        self.sigmas.setdefault(name, []).append(sigma)
+        self.batches = max(self.batches, len(self.sigmas[name]))
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        for name, (xs, ys) in self._buf.items():
+            rest = sum(len(t) for t in ys)
+            if rest >= 2 or (rest and name not in self._sum):
+                self._score(name, torch.cat(xs), torch.cat(ys))
+        self._buf.clear()
+        return {name: (s / self._weight[name]).float() for name, s in self._sum.items()}
