@@ -18,6 +18,7 @@ import inspect
 import os
 import pickle
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -232,7 +233,8 @@ def load_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
             return sd.eval()
     model = build_model(cfg, in_channels)
     if cfg.weights is not None:
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        sd = OrderedDict((k.removeprefix("module."), v) for k, v in sd.items())
+        sd._metadata = getattr(model.state_dict(), "_metadata", None)  # per-module versions (MNASNet checks them)
         try:
             missing, unexpected = model.load_state_dict(sd, strict=False)
             problem = (f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "

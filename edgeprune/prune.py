@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import OrderedDict
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -979,7 +980,8 @@ def load_pruned(out_dir: Path) -> nn.Module:
         rebuild_to_shapes(model, meta["shapes"], meta["attrs"])
     else:
         apply_plan(model, torch.zeros(1, *meta["input_shape"]), meta["plan"])
-    state = load_file(str(Path(out_dir) / WEIGHTS_FILE))
+    state = OrderedDict(load_file(str(Path(out_dir) / WEIGHTS_FILE)))
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # per-module versions (MNASNet checks them)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
