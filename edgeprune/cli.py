@@ -26,11 +26,18 @@ app = typer.Typer(
 def _global_options(
     trust_code: list[str] = typer.Option([], "--trust-code", metavar="MODULE[:FACTORY]",
                                          help="allow importing this model factory module (runs its code); repeatable"),
+    app_dir: list[str] = typer.Option([], "--app-dir", metavar="DIR",
+                                      help="folder searched first for MODULE:FACTORY modules (the current "
+                                           "directory is searched last); repeatable"),
 ) -> None:
     """Score, slim, fine-tune, export, compile and benchmark a CNN for one edge target at a time."""
     from .trust import trust
 
     trust(*trust_code)
+    if app_dir:
+        from .models import add_app_dir
+
+        add_app_dir(*app_dir)
 
 
 for _info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
@@ -40,7 +47,7 @@ for _info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.nam
 def _command_name(argv: list[str]) -> str:
     it = iter(argv)
     for a in it:
-        if a == "--trust-code":
+        if a in ("--trust-code", "--app-dir"):
             next(it, None)
         elif not a.startswith("-"):
             return f"`edgeprune {a}`"

@@ -145,6 +145,8 @@ class PruneConfig(Strict):
                                         "before each step (activation criteria)")
     ignore: list[str] = Field(default_factory=list, description="module names to leave alone")
     tolerance: float = Field(0.02, gt=0.0, lt=0.5)
+    trace_timeout_s: Optional[float] = Field(60.0, gt=0.0, description="time budget for tracing and each "
+                                             "dependency-graph build; past it the run stops (null: no limit)")
 
 
 class FinetuneConfig(Strict):

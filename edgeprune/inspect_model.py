@@ -6,7 +6,6 @@ and the MACs/params a prune at ``max_layer_ratio`` would remove at most.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import PruneError
-from .prune import _PRUNABLE, count_macs_params, resolve_ignored
+from .prune import _PRUNABLE, TRACE_TIMEOUT_S, build_graph, count_macs_params, resolve_ignored, unprunable_layers
 
 
 @dataclass
@@ -49,7 +48,7 @@ class InspectReport:
     def table(self) -> str:
         lines = [f"{self.model} input {self.input_shape}: MACs {self.macs / 1e6:.2f}M, params {self.params / 1e6:.3f}M"]
         if self.trace_error:
-            return "\n".join(lines + [f"NOT PRUNABLE: torch-pruning cannot trace it: {self.trace_error}"])
+            return "\n".join(lines + [f"NOT PRUNABLE: {self.trace_error}"])
         if self.min_macs is not None and self.min_params is not None:
             lines.append(f"at most removable (max_layer_ratio {self.max_layer_ratio}): MACs "
                          f"{(self.macs - self.min_macs) / 1e6:.2f}M ({self.macs / max(self.min_macs, 1):.2f}x), "
@@ -69,18 +68,11 @@ class InspectReport:
         return "\n".join(lines)
 
 
-def _build_graph(model: nn.Module, x: torch.Tensor):
-    import torch_pruning as tp
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tp.DependencyGraph().build_dependency(model, example_inputs=x)
-
-
-def _groups(dg, model: nn.Module, ignored: dict[str, str]) -> list[GroupInfo]:
+def _groups(dg, model: nn.Module, ignored: dict[str, str], boundaries: dict[str, str]) -> list[GroupInfo]:
     names = {m: n for n, m in model.named_modules()}
     out = []
-    for group in dg.get_all_groups(ignored_layers=[], root_module_types=list(_PRUNABLE)):
+    skip = [model.get_submodule(n) for n in boundaries]  # torch-pruning would break building their groups
+    for group in dg.get_all_groups(ignored_layers=skip, root_module_types=list(_PRUNABLE)):
         root = group[0].dep.target.module
         members, consumers = [], []
         for dep, _ in group:
@@ -110,36 +102,42 @@ def _skipped(dg, model: nn.Module, groups: list[GroupInfo], ignored: dict[str, s
     return skipped
 
 
-def _dry_run(model: nn.Module, x: torch.Tensor, ratio: float, ignore: tuple) -> tuple[Optional[int], Optional[int], Optional[str]]:
+def _dry_run(model: nn.Module, x: torch.Tensor, ratio: float, ignore: tuple,
+             trace_timeout_s: Optional[float]) -> tuple[Optional[int], Optional[int], Optional[str]]:
+    """A trial prune of a copy at ``ratio``: the same graph build and pruning code as ``prune``, same errors."""
     import torch_pruning as tp
 
     from .prune import prune_model
 
     try:
         res = prune_model(model, x, tp.importance.MagnitudeImportance(p=1), ratio=ratio, round_to=None,
-                          max_layer_ratio=ratio, ignore=ignore, progress=False)
+                          max_layer_ratio=ratio, ignore=ignore, progress=False, trace_timeout_s=trace_timeout_s)
     except PruneError as exc:
-        return None, None, exc.message
+        return None, None, str(exc)
     return res.macs_after, res.params_after, None
 
 
 def inspect_model(model: nn.Module, example_inputs: torch.Tensor, *, ignore: tuple = (),
-                  max_layer_ratio: float = 0.8) -> InspectReport:
-    """What torch-pruning can do with ``model``; never raises for an untraceable model (says so instead)."""
+                  max_layer_ratio: float = 0.8, trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> InspectReport:
+    """What torch-pruning can do with ``model``; never raises for an untraceable model (says so instead).
+
+    ``trace_error`` / ``prune_error`` hold the same PruneError text that ``prune`` would raise."""
     model = model.eval()
     macs, params = count_macs_params(model, example_inputs)
     report = InspectReport(type(model).__name__, tuple(example_inputs.shape), macs, params,
                            max_layer_ratio=max_layer_ratio)
     ignored = resolve_ignored(model, example_inputs, ignore)
     try:
-        dg = _build_graph(model, example_inputs)
-    except Exception as exc:  # torch-pruning raises plain exceptions on graphs it cannot map
-        report.trace_error = f"{type(exc).__name__}: {exc}"
+        dg = build_graph(model, example_inputs, timeout_s=trace_timeout_s)
+        boundaries = unprunable_layers(model, example_inputs, ignored, trace_timeout_s)
+    except PruneError as exc:  # untraceable, or past the time budget
+        report.trace_error = str(exc)
         report.skipped = {n: "model cannot be traced" for n, m in model.named_modules() if isinstance(m, _PRUNABLE)}
         return report
-    report.groups = _groups(dg, model, ignored)
+    ignored.update(boundaries)
+    report.groups = _groups(dg, model, ignored, boundaries)
     report.skipped = _skipped(dg, model, report.groups, ignored)
     report.unwrapped = [dg._param_to_name.get(p.parameters, "?") for p in dg.unwrapped_parameters]
     report.min_macs, report.min_params, report.prune_error = _dry_run(model, example_inputs, max_layer_ratio,
-                                                                       tuple(ignore))
+                                                                       tuple(ignore), trace_timeout_s)
     return report

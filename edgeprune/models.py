@@ -1,14 +1,24 @@
-"""Build a model from a torchvision name or ``package.module:factory``, and load its weights.
+"""Build a model from a torchvision name, ``timm:<name>`` or ``package.module:factory``; load its weights.
 
-Weights come from safetensors or a weights-only ``.pt``/``.pth`` state dict. A whole pickled
+``timm:<name>`` is a name in timm's registry (``timm.list_models()``), always built with
+``pretrained=False`` (nothing is downloaded); timm is the optional extra ``edgeprune[timm]``.
+A ``module:factory`` is imported from the installed packages, the current directory or the
+folders given with ``--app-dir`` (like uvicorn's app discovery), after the trust check.
+Weights come from safetensors, a weights-only ``.pt``/``.pth`` state dict or a timm training
+checkpoint (``state_dict`` / ``state_dict_ema`` inside). A whole pickled
 model (``torch.save(model)``) runs arbitrary code when loaded, so it is refused unless the
 caller passes ``trust_pickle=True``.
 """
 from __future__ import annotations
 
+import argparse
+import difflib
 import importlib
 import inspect
+import os
 import pickle
+import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,9 +26,62 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, REPO_ROOT
-from .errors import ModelLoadError, UnknownNameError, UntrustedPickleError
+from .errors import BackendUnavailableError, ModelLoadError, UnknownNameError, UntrustedPickleError
 
+BUNDLED_ARCH = "edgeprune.zoo:fmnist_cnn"
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "assets" / "fmnist_cnn.safetensors"
+TIMM_PREFIX = "timm:"
+APP_DIR_ENV = "EDGEPRUNE_APP_DIR"
+_app_dirs: list[str] = []
+
+
+def add_app_dir(*dirs: str | Path | None) -> None:
+    """Search ``dirs`` first for ``module:factory`` modules (``--app-dir``)."""
+    for d in dirs:
+        if d:
+            path = Path(d).expanduser().resolve()
+            if not path.is_dir():
+                raise ModelLoadError(f"--app-dir {d}: no such folder")
+            _app_dirs.append(str(path))
+
+
+def _search_path() -> None:
+    """Put the app dirs (first) and the current directory (last) on ``sys.path``, once each."""
+    extra = [*_app_dirs, *[d for d in os.environ.get(APP_DIR_ENV, "").split(os.pathsep) if d]]
+    for d in reversed(extra):
+        if d not in sys.path:
+            sys.path.insert(0, d)
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
+def require_timm():
+    """Import timm, or fail naming the extra to install."""
+    try:
+        return importlib.import_module("timm")
+    except ImportError as exc:
+        raise BackendUnavailableError(f"timm models need the Python package 'timm', which is not installed ({exc})",
+                                      hint="pip install 'edgeprune[timm]'  (or: pip install timm)") from exc
+
+
+def _timm_factory(arch: str):
+    """A factory for a timm registry name: validated against ``timm.list_models()``; never pretrained."""
+    timm = require_timm()
+    name = arch[len(TIMM_PREFIX):]
+    names = timm.list_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5)
+        raise UnknownNameError(f"unknown timm model {name!r} (from {arch!r}); timm {timm.__version__} has "
+                               f"{len(names)} models",
+                               hint=f"close names: {', '.join('timm:' + c for c in close)}" if close
+                               else "list them with: python -c 'import timm; print(timm.list_models())'")
+
+    def create(num_classes: int = 1000, in_channels: int = 3, **kw: Any) -> nn.Module:
+        kw.pop("pretrained", None)  # no downloads: weights come from model.weights only
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
+
+    return create
 
 
 def torchvision_names() -> list[str]:
@@ -28,15 +91,19 @@ def torchvision_names() -> list[str]:
 
 
 def resolve_factory(arch: str):
+    if arch.startswith(TIMM_PREFIX):
+        return _timm_factory(arch)  # a registry name, not an import: trusted like torchvision names
     if ":" in arch:
         from .trust import check_factory, check_trusted
 
         check_trusted(arch)  # before any import: a model folder or YAML may name os:system
         mod_name, _, attr = arch.partition(":")
+        _search_path()
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as exc:
-            raise ModelLoadError(f"cannot import module {mod_name!r} for arch {arch!r}: {exc}") from exc
+            raise ModelLoadError(f"cannot import module {mod_name!r} for arch {arch!r}: {exc}",
+                                 hint="run from the folder that holds it, or pass --app-dir DIR") from exc
         if not hasattr(mod, attr):
             public = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
             raise UnknownNameError(f"{mod_name} has no factory {attr!r}; callables there: {', '.join(public)}")
@@ -111,7 +178,8 @@ def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, torc
         raise ModelLoadError(f"unsupported weights format {path.suffix!r} for {path}",
                              hint="valid: .safetensors, .pt, .pth, .bin, .ckpt")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # timm checkpoints keep their args
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
             raise UntrustedPickleError(
@@ -121,8 +189,7 @@ def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, torc
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError) as exc:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    obj = _unwrap_checkpoint(obj)
     if isinstance(obj, nn.Module):
         return obj
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -130,15 +197,44 @@ def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, torc
     return obj
 
 
+def _unwrap_checkpoint(obj: Any) -> Any:
+    """The state dict inside a training checkpoint (timm: ``state_dict``, else ``model``/``state_dict_ema``)."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+    return obj
+
+
+def _is_bundled(path: Optional[Path]) -> bool:
+    if path is None:
+        return False
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = REPO_ROOT / p
+    return p.resolve() == BUNDLED_WEIGHTS
+
+
+def weights_for(cfg: ModelConfig) -> Optional[Path]:
+    """``cfg.weights``, except the bundled Fashion-MNIST weights for any other architecture (random init)."""
+    if _is_bundled(cfg.weights) and cfg.arch != BUNDLED_ARCH:
+        print(f"note: {cfg.arch} starts from random init (no --weights given; the bundled weights are for "
+              f"{BUNDLED_ARCH} only)", file=sys.stderr)
+        return None
+    return cfg.weights
+
+
 def load_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
     """The model in eval mode, with its weights when ``cfg.weights`` is set."""
+    cfg = cfg.model_copy(update={"weights": weights_for(cfg)})
     if cfg.weights is not None:
         sd = read_state_dict(cfg.weights, trust_pickle=cfg.trust_pickle)
         if isinstance(sd, nn.Module):
             return sd.eval()
     model = build_model(cfg, in_channels)
     if cfg.weights is not None:
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        sd = OrderedDict((k.removeprefix("module."), v) for k, v in sd.items())
+        sd._metadata = getattr(model.state_dict(), "_metadata", None)  # per-module versions (MNASNet checks them)
         try:
             missing, unexpected = model.load_state_dict(sd, strict=False)
             problem = (f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "

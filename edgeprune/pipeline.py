@@ -183,7 +183,8 @@ def stage_prune(run: Run, inp: Inputs, scores, device: str) -> torch.nn.Module:
                          global_ranking=pc.global_ranking, iterative_steps=pc.iterative_steps, ignore=pc.ignore,
                          tolerance=pc.tolerance, scores=scores.scores, before_step=before_step,
                          rescore=_rescorer(run, inp, device) if pc.rescore_between_steps else None,
-                         global_normalize=pc.global_normalize, progress=run.progress)
+                         global_normalize=pc.global_normalize, progress=run.progress,
+                         trace_timeout_s=pc.trace_timeout_s)
     record_pruned(run, inp, result.model, device, macs=(result.macs_before, result.macs_after),
                   params=(result.params_before, result.params_after))
     atomic_write(out_dir / "layers.txt", result.table() + "\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import OrderedDict
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -24,17 +25,20 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, PruneError
+from .errors import EdgePruneError, ModelLoadError, PruneError
 from .safety import atomic_write
+from .watchdog import StageTimeout, time_budget
 
 PRUNED_JSON = "pruned.json"
 WEIGHTS_FILE = "model.safetensors"
-PRUNED_FORMAT = 1
+PRUNED_FORMAT = 2  # 2: + every state-dict shape and each module's structural attributes (exact rebuild)
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _MAX_TRIALS = 8
 _MAX_REFINE_LAYERS = 24  # local width search only where a move costs 2 x layers trials
 _MAX_REFINE_MOVES = 8
 _MIN_BRACKET = 0.02  # below this ratio width, rounding jumps dominate: mix the two ends per layer
+_MAX_BOUNDARIES = 4  # groups torch-pruning breaks on that are turned into unprunable boundaries, then retried
+TRACE_TIMEOUT_S = 60.0  # default budget for tracing + dependency-graph build (prune.trace_timeout_s)
 
 
 # ----------------------------------------------------------------------------- results
@@ -171,9 +175,181 @@ def resolve_ignored(model: nn.Module, example_inputs: torch.Tensor, ignore: Sequ
     return reasons
 
 
+def _split_feeders(dg: Any, names: dict[int, str]) -> dict[str, str]:
+    """Conv/linear layers whose channels reach a split/chunk/unbind: fixed sizes there, so left alone."""
+    import torch_pruning as tp
+
+    split_types = (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND)
+    out: dict[str, str] = {}
+    for node in list(dg.module2node.values()):
+        if node.type not in split_types:
+            continue
+        seen, queue = set(), list(node.inputs)
+        while queue:
+            n = queue.pop(0)
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            name = names.get(id(n.module))
+            if name and isinstance(n.module, _PRUNABLE):
+                out.setdefault(name, f"feeds a fixed-size split ({node.name})")
+            else:
+                queue.extend(n.inputs)
+    return out
+
+
+def _unmappable_roots(dg: Any, names: dict[int, str], skip: set, per_root_s: Optional[float]) -> dict[str, str]:
+    """Layers whose coupled group torch-pruning cannot map (it raises while building it): unprunable boundaries."""
+    out: dict[str, str] = {}
+    visited: set = set()
+    for module in list(dg.module2node):
+        name = names.get(id(module))
+        if not name or name in skip or module in visited or not isinstance(module, _PRUNABLE):
+            continue
+        pruner = dg.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            with time_budget(per_root_s, f"mapping the group of {name}"):
+                group = dg.get_pruning_group(module, pruner.prune_out_channels,
+                                             list(range(pruner.get_out_channels(module))))
+        except StageTimeout:
+            out[name] = f"torch-pruning does not finish mapping its group within {per_root_s:g} s"
+            continue
+        except Exception as exc:  # noqa: BLE001 - any torch-pruning failure makes it a boundary
+            out[name] = f"torch-pruning cannot map its channels ({type(exc).__name__})"
+            continue
+        visited.update(dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler))
+    return out
+
+
+def unprunable_layers(model: nn.Module, x: torch.Tensor, ignored: dict[str, str],
+                      timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> dict[str, str]:
+    """Layers left alone because torch-pruning would break on them: those feeding a fixed-size split, and
+    those whose coupled group it cannot map (unknown ops become boundaries instead of crashes)."""
+    dg = build_graph(model, x, timeout_s=timeout_s)
+    names = {id(m): n for n, m in model.named_modules() if n}
+    out = {k: v for k, v in _split_feeders(dg, names).items() if k not in ignored}
+    stage = f"checking which coupled groups of {type(model).__name__} torch-pruning can map"
+    with time_budget(timeout_s, stage):
+        per_root = None if not timeout_s else max(5.0, timeout_s / 6)
+        out.update(_unmappable_roots(dg, names, set(ignored) | set(out), per_root))
+    return out
+
+
 def _modules_by_name(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     mods = dict(model.named_modules())
     return [mods[n] for n in names]
+
+
+# ----------------------------------------------------------------------------- torch-pruning errors
+
+
+def _producers(node: Any, names: dict[int, str], limit: int = 3) -> list[str]:
+    """The nearest model layers that feed a torch-pruning op node (breadth-first up its inputs)."""
+    seen, queue, out = set(), list(getattr(node, "inputs", [])), []
+    while queue and len(out) < limit:
+        n = queue.pop(0)
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        name = names.get(id(getattr(n, "module", None)))
+        if name:
+            out.append(name)
+        else:
+            queue.extend(getattr(n, "inputs", []))
+    return out
+
+
+def _frame_culprit(values: list, names: dict[int, str]) -> tuple[Optional[str], Optional[str], list[str]]:
+    """(layer, op, layers feeding op) among one frame's locals: torch-pruning Nodes, Dependencies, modules."""
+    layer = op = None
+    feeds: list[str] = []
+    for value in values:
+        target = getattr(value, "target", None)
+        for cand in (value, target):
+            module = getattr(cand, "module", cand)
+            if not isinstance(module, nn.Module):
+                continue
+            if names.get(id(module)):
+                layer = layer or names[id(module)]
+            elif op is None and hasattr(cand, "inputs"):  # an op node (reshape, split, cat, ...) of the graph
+                op = str(getattr(cand, "name", None) or type(module).__name__)
+                feeds = _producers(cand, names)
+    return layer, op, feeds
+
+
+def culprit(exc: BaseException, model: nn.Module) -> tuple[Optional[str], Optional[str], list[str]]:
+    """Where torch-pruning was when it raised: (layer, op, layers feeding op) from the innermost frame that
+    holds one of ``model``'s modules or one of its graph's op nodes."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    found: tuple[Optional[str], Optional[str], list[str]] = (None, None, [])
+    tb = exc.__traceback__
+    while tb is not None:
+        hit = _frame_culprit(list(tb.tb_frame.f_locals.values()), names)
+        if hit[0] or hit[1]:
+            found = hit
+        tb = tb.tb_next
+    return found
+
+
+def tp_error(exc: BaseException, model: nn.Module, stage: str) -> PruneError:
+    """A PruneError for an exception from inside torch-pruning: the stage, the op/layer if known, and what to do."""
+    layer, op, feeds = culprit(exc, model)
+    where = ""
+    if op:
+        where = f" at operation {op}" + (f" (fed by {', '.join(feeds)})" if feeds else "")
+    elif layer:
+        where = f" at layer {layer} ({type(model.get_submodule(layer)).__name__})"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    if stage == "tracing":  # the graph itself cannot be built: --ignore does not reach this far
+        hint = ("unsupported op: torch-pruning cannot build the dependency graph through it, so this model "
+                "cannot be pruned as is; replace that construct in the model, or report it upstream "
+                "(docs/upstream-torch-pruning.md)")
+    else:
+        culprits = feeds if op else ([layer] if layer else [])
+        todo = [f"leave it alone with {' '.join('--ignore ' + n for n in culprits)}"] if culprits else []
+        todo += ["prune less (a smaller ratio or target)",
+                 "if the operation is unsupported by torch-pruning, --ignore the layers that feed it "
+                 "(`edgeprune inspect` lists groups and layers)"]
+        hint = "; or ".join(todo)
+    return PruneError(f"torch-pruning cannot handle {type(model).__name__} (while {stage}){where}: "
+                      f"{type(exc).__name__}: {first}", hint=hint)
+
+
+def _failing_root(exc: BaseException, model: nn.Module) -> Optional[str]:
+    """The root layer of the torch-pruning Group being built or pruned when ``exc`` was raised."""
+    from torch_pruning.dependency.group import Group
+
+    names = {id(m): n for n, m in model.named_modules() if n}
+    root, tb = None, exc.__traceback__
+    while tb is not None:
+        for value in list(tb.tb_frame.f_locals.values()):
+            if isinstance(value, Group) and len(value) > 0:
+                root = names.get(id(value[0].dep.target.module), root)
+        tb = tb.tb_next
+    return root
+
+
+def build_graph(model: nn.Module, x: torch.Tensor, *, timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> Any:
+    """torch-pruning's DependencyGraph of ``model`` on ``x``, within a time budget; failures as PruneError."""
+    import torch_pruning as tp
+
+    frozen = [p for p in model.parameters() if not p.requires_grad]  # torch-pruning traces autograd
+    stage = f"tracing {type(model).__name__} and building its dependency graph"
+    with warnings.catch_warnings(), torch.enable_grad(), time_budget(timeout_s, stage):
+        warnings.simplefilter("ignore")
+        try:
+            for p in frozen:
+                p.requires_grad_(True)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=x)
+        except EdgePruneError:
+            raise
+        except Exception as exc:  # torch-pruning raises plain exceptions on graphs it cannot map
+            raise tp_error(exc, model, "tracing") from exc
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- importance
@@ -217,6 +393,7 @@ class _Settings:
     ignored: dict[str, str]
     before_step: Optional[Callable[[nn.Module, int], object]]
     global_normalize: str = "rank"
+    trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S
 
 
 @dataclass
@@ -265,7 +442,8 @@ def _build_pruner(model: nn.Module, x: torch.Tensor, importance: Any, ratio: flo
     if layer_ratios:
         mods = dict(model.named_modules())
         ratio_dict = {mods[n]: r for n, r in layer_ratios.items()}
-    with warnings.catch_warnings():
+    stage = f"tracing {type(model).__name__} and building its dependency graph (pruner setup)"
+    with warnings.catch_warnings(), time_budget(s.trace_timeout_s, stage):
         warnings.simplefilter("ignore")  # unwrapped-parameter notices; inspect reports them
         try:
             return _pruner_class()(
@@ -275,9 +453,10 @@ def _build_pruner(model: nn.Module, x: torch.Tensor, importance: Any, ratio: flo
                 iterative_steps=s.iterative_steps, ignored_layers=_modules_by_name(model, list(s.ignored)),
                 round_to=s.round_to,
             )
+        except EdgePruneError:
+            raise
         except Exception as exc:  # torch-pruning raises plain exceptions on untraceable graphs
-            raise PruneError(f"torch-pruning cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}",
-                             hint="run `edgeprune inspect` on the model; add the failing layer to ignore") from exc
+            raise tp_error(exc, model, "tracing") from exc
 
 
 def _min_keep(init: int, current: int, s: _Settings) -> int:
@@ -328,7 +507,14 @@ def _trial(model: nn.Module, x: torch.Tensor, importance: Any, ratio: float, s: 
     """Prune a deep copy of ``model`` at ``ratio`` (``layer_ratios``: name -> ratio overrides) and measure it."""
     pruned = copy.deepcopy(model).eval()
     pruner = _build_pruner(pruned, x, importance, ratio, s, layer_ratios)
-    steps = _run_steps(pruner, pruned, x, ratio, s)
+    try:
+        steps = _run_steps(pruner, pruned, x, ratio, s)
+    except EdgePruneError:
+        raise
+    except Exception as exc:  # an index or shape error inside torch-pruning while removing channels
+        err = tp_error(exc, pruned, f"pruning at ratio {ratio:.3f}")
+        err.group_root = _failing_root(exc, pruned)
+        raise err from exc
     _forward(pruned, x, f"the model pruned at ratio {ratio:.3f}")
     return _Trial(pruned, ratio, steps[-1]["macs"], steps[-1]["params"], steps)
 
@@ -455,13 +641,10 @@ def _refine(model: nn.Module, x: torch.Tensor, importance: Any, target: _Target,
 # ----------------------------------------------------------------------------- per-layer rows
 
 
-def _skip_reasons(model: nn.Module, x: torch.Tensor, ignored: dict[str, str]) -> dict[str, str]:
+def _skip_reasons(model: nn.Module, x: torch.Tensor, ignored: dict[str, str],
+                  trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> dict[str, str]:
     """Why each conv/linear that cannot change is left alone: ignored, coupled to an ignored layer, untraced."""
-    import torch_pruning as tp
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    dg = build_graph(model, x, timeout_s=trace_timeout_s)
     names = {m: n for n, m in model.named_modules()}
     reasons = dict(ignored)
     for n, m in model.named_modules():
@@ -531,7 +714,7 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, importance: Any,
                 tolerance: float = 0.02, scores: Optional[dict[str, torch.Tensor]] = None,
                 before_step: Optional[Callable[[nn.Module, int], object]] = None,
                 rescore: Optional[Rescorer] = None, global_normalize: str = "rank",
-                progress: bool = True) -> PruneResult:
+                progress: bool = True, trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> PruneResult:
     """Prune a copy of ``model`` with torch-pruning; ``model`` itself is left untouched.
 
     ``ratio`` (fixed channel ratio) wins over a target; a params target wins over the MACs target.
@@ -540,7 +723,9 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, importance: Any,
     ``rescore(model) -> (importance, scores)``, with ``iterative_steps`` > 1: prune in that many steps,
     each reaching its share of the target, re-scoring the slimmed model between steps (see
     :func:`prune_rescoring`). ``global_normalize``: how group scores meet in a global ranking
-    (``rank`` | ``zscore`` | ``mean``).
+    (``rank`` | ``zscore`` | ``mean``). Tracing and each dependency-graph build stop after
+    ``trace_timeout_s`` (None: no limit); every exception from torch-pruning comes out as a
+    PruneError naming the stage and, if found, the layer or operation.
     """
     if global_normalize not in GLOBAL_NORMALIZERS:
         raise PruneError(f"unknown global_normalize {global_normalize!r}; valid: {', '.join(GLOBAL_NORMALIZERS)}")
@@ -550,20 +735,26 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, importance: Any,
                                target_params_reduction=target_params_reduction, ratio=ratio, round_to=round_to,
                                max_layer_ratio=max_layer_ratio, global_ranking=global_ranking, ignore=ignore,
                                tolerance=tolerance, scores=scores, before_step=before_step,
-                               global_normalize=global_normalize, progress=progress)
+                               global_normalize=global_normalize, progress=progress,
+                               trace_timeout_s=trace_timeout_s)
     ignored = resolve_ignored(model, example_inputs, ignore)  # also checks that the model runs on the input
+    ignored.update(unprunable_layers(model, example_inputs, ignored, trace_timeout_s))
     macs0, params0 = count_macs_params(model, example_inputs)
     target = _choose_target(target_macs_reduction, target_params_reduction, tolerance, macs0, params0)
     _check_args(ratio, target, round_to, max_layer_ratio, iterative_steps)
-    s = _Settings(round_to, max_layer_ratio, global_ranking, iterative_steps, ignored, before_step, global_normalize)
-    if ratio is not None:
-        best, target = _trial(model, example_inputs, importance, ratio, s), None
-    else:
-        best = _search(model, example_inputs, importance, target, s, progress)
-        if not target.met(best):
-            best = _refine(model, example_inputs, importance, target, s, best)
+    s = _Settings(round_to, max_layer_ratio, global_ranking, iterative_steps, ignored, before_step, global_normalize,
+                  trace_timeout_s)
+    for attempt in range(_MAX_BOUNDARIES + 1):
+        try:
+            best, target = _prune_to(model, example_inputs, importance, ratio, target, s, progress)
+            break
+        except PruneError as exc:  # a group torch-pruning breaks on becomes an unprunable boundary, then retry
+            root = getattr(exc, "group_root", None)
+            if root is None or root in s.ignored or attempt == _MAX_BOUNDARIES:
+                raise
+            s.ignored[root] = f"torch-pruning failed on its group ({exc.message.rpartition(': ')[0][-80:]})"
     plan = channel_plan(best.model)
-    rows = _layer_rows(channel_plan(model), plan, _skip_reasons(model, example_inputs, ignored), scores)
+    rows = _layer_rows(channel_plan(model), plan, _skip_reasons(model, example_inputs, ignored, trace_timeout_s), scores)
     result = PruneResult(best.model, macs0, best.macs, params0, best.params, plan, rows, best.steps, best.ratio,
                          None if target is None else {"metric": target.metric, "reduction": target.reduction,
                                                       "tolerance": target.tolerance},
@@ -571,6 +762,16 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, importance: Any,
     if target is not None and not result.target_met:
         _raise_or_warn_unmet(target, best, s)
     return result
+
+
+def _prune_to(model: nn.Module, x: torch.Tensor, importance: Any, ratio: Optional[float],
+              target: Optional[_Target], s: _Settings, progress: bool) -> tuple[_Trial, Optional[_Target]]:
+    if ratio is not None:
+        return _trial(model, x, importance, ratio, s), None
+    best = _search(model, x, importance, target, s, progress)
+    if not target.met(best):
+        best = _refine(model, x, importance, target, s, best)
+    return best, target
 
 
 # ----------------------------------------------------------------------------- iterative schedule with re-scoring
@@ -590,7 +791,8 @@ def prune_rescoring(model: nn.Module, example_inputs: torch.Tensor, importance: 
                     ignore: Sequence[str] = (), tolerance: float = 0.02,
                     scores: Optional[dict[str, torch.Tensor]] = None,
                     before_step: Optional[Callable[[nn.Module, int], object]] = None,
-                    global_normalize: str = "rank", progress: bool = True) -> PruneResult:
+                    global_normalize: str = "rank", progress: bool = True,
+                    trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> PruneResult:
     """Prune in ``steps`` one-shot steps, re-scoring the slimmed model between them.
 
     Step j reaches ``target ** (j / steps)`` of the original MACs (or params); the last one aims at
@@ -625,13 +827,16 @@ def prune_rescoring(model: nn.Module, example_inputs: torch.Tensor, importance: 
                 warnings.simplefilter("ignore")  # an intermediate step off by rounding is caught up by the next
             res = prune_model(current, example_inputs, imp, **kw, round_to=round_to, max_layer_ratio=step_cap,
                               global_ranking=global_ranking, ignore=ignore, tolerance=tolerance,
-                              before_step=before_step, global_normalize=global_normalize, progress=progress)
+                              before_step=before_step, global_normalize=global_normalize, progress=progress,
+                              trace_timeout_s=trace_timeout_s)
         current = res.model
         records.append({"step": j, "ratio": res.ratio, "macs": res.macs_after, "params": res.params_after,
                         "rescored": j > 1})
     plan = channel_plan(current)
     ignored = resolve_ignored(model, example_inputs, ignore)
-    rows = _layer_rows(channel_plan(model), plan, _skip_reasons(model, example_inputs, ignored), scores)
+    ignored.update(unprunable_layers(model, example_inputs, ignored, trace_timeout_s))
+    rows = _layer_rows(channel_plan(model), plan, _skip_reasons(model, example_inputs, ignored, trace_timeout_s),
+                       scores)
     result = PruneResult(current, macs0, res.macs_after, params0, res.params_after, plan, rows, records, res.ratio,
                          None if target is None else {"metric": target.metric, "reduction": target.reduction,
                                                       "tolerance": target.tolerance, "steps": steps})
@@ -660,13 +865,15 @@ def _raise_or_warn_unmet(target: _Target, best: _Trial, s: _Settings) -> None:
 
 def save_pruned(model: nn.Module, out_dir: Path, *, arch: str, model_kwargs: dict, num_classes: int,
                 in_channels: int, input_shape: tuple) -> Path:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/pruned.json`` (arch reference + channel plan). No pickle."""
+    """Write ``out_dir/model.safetensors`` and ``out_dir/pruned.json``: arch reference, channel plan, every
+    state-dict shape and each module's integer attributes (channels, groups, split sizes). No pickle."""
     from .models import save_safetensors
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"format": PRUNED_FORMAT, "arch": arch, "model_kwargs": dict(model_kwargs), "num_classes": num_classes,
-            "in_channels": in_channels, "input_shape": list(input_shape), "plan": channel_plan(model)}
+            "in_channels": in_channels, "input_shape": list(input_shape), "plan": channel_plan(model),
+            "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}, "attrs": structural_attrs(model)}
     save_safetensors(model, out_dir / WEIGHTS_FILE, metadata={"edgeprune": "pruned", "arch": arch})
     atomic_write(out_dir / PRUNED_JSON, json.dumps(meta, indent=1))
     return out_dir
@@ -709,8 +916,57 @@ def apply_plan(model: nn.Module, example_inputs: torch.Tensor, plan: dict[str, i
     return model
 
 
+def _is_structural(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return len(value) > 0 and all(type(v) is int for v in value)
+    return type(value) in (int, bool)
+
+
+def structural_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Module name -> its int/bool attributes and int tuples/lists (channels, groups, split sizes, features)."""
+    out = {}
+    for name, module in model.named_modules():
+        attrs = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(module).items()
+                 if not k.startswith("_") and k != "training" and _is_structural(v)}
+        if attrs:
+            out[name] = attrs
+    return out
+
+
+def _restore_attrs(modules: dict[str, nn.Module], attrs: dict[str, dict[str, Any]]) -> None:
+    for name, values in attrs.items():
+        module = modules.get(name)
+        if module is None:
+            raise ModelLoadError(f"the saved model has a module {name!r}, which the rebuilt architecture does not have")
+        for key, value in values.items():
+            current = getattr(module, key, None)
+            if _is_structural(current) and isinstance(value, list) == isinstance(current, (list, tuple)):
+                setattr(module, key, type(current)(value) if isinstance(current, (list, tuple)) else value)
+
+
+def _resize_tensors(modules: dict[str, nn.Module], shapes: dict[str, list[int]]) -> None:
+    """Replace every parameter and buffer whose saved shape differs by an empty one of that shape."""
+    for name, module in modules.items():
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                full = f"{name}.{key}" if name else key
+                if t is None or full not in shapes or list(t.shape) == shapes[full]:
+                    continue
+                new = torch.empty(shapes[full], dtype=t.dtype)
+                store[key] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+
+
+def rebuild_to_shapes(model: nn.Module, shapes: dict[str, list[int]], attrs: dict[str, dict[str, Any]]) -> nn.Module:
+    """Resize a freshly built ``model`` in place to a pruned one's saved shapes and attributes (weights loaded after)."""
+    modules = dict(model.named_modules())
+    _restore_attrs(modules, attrs)
+    _resize_tensors(modules, shapes)
+    return model
+
+
 def load_pruned(out_dir: Path) -> nn.Module:
-    """Rebuild the original architecture, prune it to the saved plan, load the weights (eval mode)."""
+    """Rebuild the original architecture, resize it to the saved shapes (format 1: replay the channel
+    plan), load the weights (eval mode)."""
     from safetensors.torch import load_file
 
     from .config import ModelConfig
@@ -720,9 +976,12 @@ def load_pruned(out_dir: Path) -> nn.Module:
     cfg = ModelConfig(arch=meta["arch"], num_classes=meta["num_classes"], kwargs=meta["model_kwargs"],
                       in_channels=meta["in_channels"])
     model = build_model(cfg, meta["in_channels"]).eval()
-    x = torch.zeros(1, *meta["input_shape"])
-    apply_plan(model, x, meta["plan"])
-    state = load_file(str(Path(out_dir) / WEIGHTS_FILE))
+    if "shapes" in meta and "attrs" in meta:
+        rebuild_to_shapes(model, meta["shapes"], meta["attrs"])
+    else:
+        apply_plan(model, torch.zeros(1, *meta["input_shape"]), meta["plan"])
+    state = OrderedDict(load_file(str(Path(out_dir) / WEIGHTS_FILE)))
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # per-module versions (MNASNet checks them)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

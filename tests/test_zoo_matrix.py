@@ -1,4 +1,5 @@
-"""torchvision zoo matrix: prune to 2x MACs (magnitude and sae-mi), forward, ONNX export, ORT parity.
+"""torchvision zoo matrix: prune to 2x MACs (magnitude and sae-mi), forward, ONNX export, ORT parity,
+and (magnitude) a save -> reload round trip with identical outputs.
 
 Random weights and small inputs keep each case to seconds. A model that torch-pruning cannot
 handle is listed in ``EXPECTED_FAILURES`` with the reason (strict xfail) and shows in ``inspect``.
@@ -89,3 +90,15 @@ def test_zoo_prune_export_parity(arch: str, criterion: str, tmp_path) -> None:
         out = res.model(torch.randn(2, 3, side, side))
     assert out.shape == (2, NUM_CLASSES)
     assert _ort_parity(res.model, x, tmp_path / "m.onnx", dynamo=arch in DYNAMO_EXPORT) <= TOL
+    if criterion == "magnitude":  # save -> reload rebuilds the pruned model exactly
+        _assert_round_trip(res.model, arch, tmp_path / "pruned", side)
+
+
+def _assert_round_trip(model: torch.nn.Module, arch: str, out, side: int) -> None:
+    from edgeprune.prune import load_pruned, save_pruned
+
+    save_pruned(model, out, arch=arch, model_kwargs={}, num_classes=NUM_CLASSES, in_channels=3,
+                input_shape=(3, side, side))
+    probe = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(out)(probe), model.eval()(probe))

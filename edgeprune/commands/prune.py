@@ -22,7 +22,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def run_inspect(model_ref: str, *, input_shape: str, num_classes: int, ignore: list[str],
-                max_layer_ratio: float) -> str:
+                max_layer_ratio: float, trace_timeout_s: Optional[float] = 60.0) -> str:
     import torch
 
     from ..config import ModelConfig
@@ -41,7 +41,8 @@ def run_inspect(model_ref: str, *, input_shape: str, num_classes: int, ignore: l
     except RuntimeError as exc:
         raise ModelLoadError(f"{model_ref} does not accept an input of shape {shape}: {str(exc).splitlines()[0]}",
                              hint="pass --input-shape C,H,W that the model accepts (e.g. 3,224,224)") from None
-    report = inspect_model(model, torch.zeros(1, *shape), ignore=tuple(ignore), max_layer_ratio=max_layer_ratio)
+    report = inspect_model(model, torch.zeros(1, *shape), ignore=tuple(ignore), max_layer_ratio=max_layer_ratio,
+                           trace_timeout_s=trace_timeout_s)
     return report.table()
 
 
@@ -97,7 +98,7 @@ def run_prune(*, config: Optional[Path], overrides: dict, out: Path, ignore: lis
                          global_ranking=p.global_ranking, iterative_steps=p.iterative_steps,
                          ignore=[*p.ignore, *ignore], tolerance=p.tolerance, scores=scores,
                          rescore=rescore if p.rescore_between_steps else None, global_normalize=p.global_normalize,
-                         progress=progress)
+                         progress=progress, trace_timeout_s=p.trace_timeout_s)
     save_pruned(result.model, out, arch=cfg.model.arch, model_kwargs=cfg.model.kwargs,
                 num_classes=cfg.model.num_classes, in_channels=in_ch, input_shape=shape)
     atomic_write(out / "prune_table.txt", result.table() + "\n")
@@ -115,10 +116,11 @@ def register(app: typer.Typer) -> None:
         num_classes: int = typer.Option(1000, help="classes of the classifier head"),
         ignore: list[str] = typer.Option([], "--ignore", help="module name to leave alone; repeatable"),
         max_layer_ratio: float = typer.Option(0.8, help="largest fraction of one layer's channels to remove"),
+        trace_timeout: float = typer.Option(60.0, help="seconds allowed for tracing and each graph build (0: none)"),
     ) -> None:
         """Prunability report: coupled groups, skipped layers and why, untraceable ops, max removable MACs."""
         typer.echo(run_inspect(model, input_shape=input_shape, num_classes=num_classes, ignore=ignore,
-                               max_layer_ratio=max_layer_ratio))
+                               max_layer_ratio=max_layer_ratio, trace_timeout_s=trace_timeout or None))
 
     @app.command("prune")
     def prune(
