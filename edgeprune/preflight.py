@@ -43,7 +43,12 @@ def _existing(p: Path) -> Path:
 
 
 def check_files(cfg: PipelineConfig) -> None:
-    """Weights, data roots and the calibration folder exist (``--dry-run`` runs this too)."""
+    """The model source is trusted; weights, data roots and the calibration folder exist (``--dry-run`` too)."""
+    from .models import TIMM_PREFIX
+    from .trust import check_trusted
+
+    if ":" in cfg.model.arch and not cfg.model.arch.startswith(TIMM_PREFIX):
+        check_trusted(cfg.model.arch)  # a name check only: nothing is imported here
     if cfg.model.weights is not None and not _existing(cfg.model.weights).is_file():
         raise ModelLoadError(f"model.weights: weights file not found: {cfg.model.weights}",
                              hint="give a .safetensors or state-dict .pt file, or null for random weights")

@@ -154,6 +154,12 @@ def test_pipeline_yaml_arch_os_system_runs_nothing(tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
+def test_dry_run_refuses_an_untrusted_arch_in_a_yaml(tmp_path, capsys):
+    cfg = write_yaml(tmp_path / "evil.yaml", {"model": {"arch": "os:system", "weights": None}})
+    code, _, err = cli(capsys, "run", "--config", cfg, "-t", "cpu-onnxruntime", "--dry-run")
+    assert_clean_failure(code, err, exit_code=2, names=("refusing to import", "os:system", "--trust-code os"))
+
+
 def test_trusted_factory_from_user_config_or_flag_loads(tmp_path, capsys, monkeypatch):
     (tmp_path / "mymodels.py").write_text("from edgeprune.zoo import FmnistCNN\n\n"
                                           "def net(num_classes=10, in_channels=1):\n"
