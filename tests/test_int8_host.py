@@ -8,7 +8,6 @@ bundled model lost 4 pt; the backends now pick host-accurate settings from the I
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
