@@ -112,8 +112,13 @@ class DataConfig(Strict):
     batch_size: int = Field(256, ge=1)
 
 
+# The default criterion, chosen by measurement (benchmarks/results/pruning_screen.md): sae-mi+l1 is the
+# best SAE variant there, above plain sae-mi in every cell; magnitude (l1) is still as good or better.
+DEFAULT_CRITERION = "sae-mi+l1"
+
+
 class ScoreConfig(Strict):
-    criterion: str = "sae-mi"
+    criterion: str = Field(DEFAULT_CRITERION, description="see benchmarks/results/pruning_screen.md for why")
     num_images: int = Field(512, ge=8)
     levels: int = Field(8, ge=2, le=256, description="gray levels G")
     radius: int = Field(1, ge=1, le=8, description="Chebyshev neighbourhood radius r")
