@@ -10,6 +10,28 @@ from torch import nn
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def export_bundled(out_dir, eval_images: int):
+    """The bundled model exported to ``out_dir/model.onnx`` with the default config's settings, and
+    (model, onnx path, calibration images (N, 1, 28, 28) numpy, eval images, eval labels); skips the
+    test when the Fashion-MNIST test split is not installed."""
+    from edgeprune.config import load_pipeline_config
+    from edgeprune.data import load_calibration, load_split
+    from edgeprune.errors import DataError
+    from edgeprune.export import export_onnx
+    from edgeprune.models import load_model
+
+    cfg = load_pipeline_config(None, {"data.max_eval_images": eval_images})
+    try:
+        evaluation = load_split(cfg.data, "eval")
+    except DataError as exc:
+        pytest.skip(f"Fashion-MNIST test split not installed: {exc.message}")
+    model = load_model(cfg.model, cfg.data.preprocessing.channels)
+    calib = load_calibration(cfg.data).data.images.numpy()
+    path = export_onnx(model, evaluation.images[:1], out_dir / "model.onnx", opset=cfg.export.opset,
+                       dynamic_batch=cfg.export.dynamic_batch)
+    return model, path, calib, evaluation
+
+
 class TinyNet(nn.Module):
     """Conv stem, a residual block, a depthwise-separable block, classifier: 1x16x16 input."""
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import export_bundled
 
-from edgeprune.config import BenchConfig, Precision, load_pipeline_config, load_target
-from edgeprune.errors import DataError
+from edgeprune.config import BenchConfig, Precision, load_target
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = "box-onnxruntime,box-openvino"
@@ -79,19 +79,7 @@ def box_venv(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
     """(onnx path, calibration (N, 1, 28, 28), eval images, eval labels) of the bundled model."""
-    from edgeprune.data import load_calibration, load_split
-    from edgeprune.export import export_onnx
-    from edgeprune.models import load_model
-
-    cfg = load_pipeline_config(None, {"data.max_eval_images": EVAL_IMAGES})
-    try:
-        evaluation = load_split(cfg.data, "eval")
-    except DataError as exc:
-        pytest.skip(f"Fashion-MNIST test split not installed: {exc.message}")
-    model = load_model(cfg.model, cfg.data.preprocessing.channels)
-    calib = load_calibration(cfg.data).data.images.numpy()
-    path = export_onnx(model, evaluation.images[:1], tmp_path_factory.mktemp("bundled") / "model.onnx",
-                       opset=cfg.export.opset, dynamic_batch=cfg.export.dynamic_batch)
+    _, path, calib, evaluation = export_bundled(tmp_path_factory.mktemp("bundled"), EVAL_IMAGES)
     return path, calib, evaluation.images.numpy(), evaluation.labels.numpy()
 
 

@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import export_bundled
 import torch
 
-from edgeprune.config import Precision, load_pipeline_config, load_target
-from edgeprune.errors import DataError
+from edgeprune.config import Precision, load_target
 
 EVAL_IMAGES = 2000
 TARGETS = ("cpu-onnxruntime", "intel-cpu-openvino")
@@ -23,19 +23,9 @@ TARGETS = ("cpu-onnxruntime", "intel-cpu-openvino")
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
     """(onnx path, calibration (N, 1, 28, 28), eval images, eval labels, FP32 logits) of the bundled model."""
-    from edgeprune.data import load_calibration, load_split
-    from edgeprune.export import export_onnx, torch_logits
-    from edgeprune.models import load_model
+    from edgeprune.export import torch_logits
 
-    cfg = load_pipeline_config(None, {"data.max_eval_images": EVAL_IMAGES})
-    try:
-        evaluation = load_split(cfg.data, "eval")
-    except DataError as exc:
-        pytest.skip(f"Fashion-MNIST test split not installed: {exc.message}")
-    model = load_model(cfg.model, cfg.data.preprocessing.channels)
-    calib = load_calibration(cfg.data).data.images.numpy()
-    path = export_onnx(model, evaluation.images[:1], tmp_path_factory.mktemp("bundled") / "model.onnx",
-                       opset=cfg.export.opset, dynamic_batch=cfg.export.dynamic_batch)
+    model, path, calib, evaluation = export_bundled(tmp_path_factory.mktemp("bundled"), EVAL_IMAGES)
     with torch.no_grad():
         fp32 = torch_logits(model, evaluation.images)
     return path, calib, evaluation.images.numpy(), evaluation.labels.numpy(), fp32
