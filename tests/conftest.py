@@ -10,6 +10,18 @@ from torch import nn
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def write_calibration_pngs(root, classes: int = 2, per_class: int = 8) -> None:
+    """A tiny image-folder calibration set: ``root/c<k>/<i>.png``, 28x28 grayscale, brighter per class."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            arr = (torch.rand(28, 28, generator=g) * (60 + 150 * c)).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / f"c{c}" / f"{i}.png")
+
+
 def export_bundled(out_dir, eval_images: int):
     """The bundled model exported to ``out_dir/model.onnx`` with the default config's settings, and
     (model, onnx path, calibration images (N, 1, 28, 28) numpy, eval images, eval labels); skips the

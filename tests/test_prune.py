@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import write_calibration_pngs
 from torch import nn
 
 from edgeprune.config import ModelConfig
@@ -247,17 +248,11 @@ def test_iterative_pruning_rescores_the_slimmed_model(tiny_model, tiny_data) -> 
 
 
 def test_cli_prune_rescore_between_steps(tmp_path) -> None:
-    from PIL import Image
     from typer.testing import CliRunner
 
     from edgeprune.cli import app
 
-    g = torch.Generator().manual_seed(0)
-    for c in range(2):
-        (tmp_path / "calib" / f"c{c}").mkdir(parents=True)
-        for i in range(8):
-            arr = (torch.rand(28, 28, generator=g) * (60 + 150 * c)).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(tmp_path / "calib" / f"c{c}" / f"{i}.png")
+    write_calibration_pngs(tmp_path / "calib")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         "model: {arch: 'edgeprune.zoo:fmnist_cnn', weights: null, num_classes: 2, kwargs: {widths: [8, 8, 16]}}\n"

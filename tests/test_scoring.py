@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import write_calibration_pngs
 
+from edgeprune.config import DEFAULT_CRITERION
 from edgeprune.data import TensorData
 from edgeprune.errors import ConfigError, UnknownNameError
 from edgeprune.scoring import (CRITERIA, ChannelScores, aura_matrix, class_aura_matrices, find_taps, label_gram,
@@ -233,17 +235,11 @@ def test_score_importance_follows_scores(tiny_model, tiny_data):
 
 
 def test_score_cli(tmp_path):
-    from PIL import Image
     from typer.testing import CliRunner
 
     from edgeprune.cli import app
 
-    g = torch.Generator().manual_seed(0)
-    for c in range(2):
-        (tmp_path / "calib" / f"c{c}").mkdir(parents=True)
-        for i in range(8):
-            arr = (torch.rand(28, 28, generator=g) * (60 + 150 * c)).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(tmp_path / "calib" / f"c{c}" / f"{i}.png")
+    write_calibration_pngs(tmp_path / "calib")
     cfg = tmp_path / "p.yaml"
     cfg.write_text(json.dumps({
         "model": {"arch": "edgeprune.zoo:fmnist_cnn", "weights": None, "num_classes": 2, "kwargs": {"widths": [4, 4, 8]}},
@@ -254,6 +250,6 @@ def test_score_cli(tmp_path):
                                    "--plots", "--filters", "0,1", "--images", "0"])
     assert res.exit_code == 0, res.output
     data = json.loads((out / "scores.json").read_text())
-    assert data["criterion"] == "sae-mi" and len(data["scores"]) == 5 and data["labels_source"] == "labels"
+    assert data["criterion"] == DEFAULT_CRITERION and len(data["scores"]) == 5 and data["labels_source"] == "labels"
     assert (out / "scores.csv").is_file() and (out / "score_distribution.png").stat().st_size > 1000
     assert len(list(out.glob("sae_*.png"))) == 5
