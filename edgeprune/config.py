@@ -133,6 +133,13 @@ class ScoreConfig(Strict):
     redundancy: Literal["max", "mean"] = Field("max", description="redundancy with the picked channels: max | mean")
     params: dict[str, Any] = Field(default_factory=dict)
 
+    def options(self) -> dict[str, Any]:
+        """The keyword options of :func:`edgeprune.scoring.score_model` set by this section."""
+        return dict(levels=self.levels, radius=self.radius, quantization=self.quantization,
+                    use_predicted_labels=self.use_predicted_labels, cache_mb=self.cache_mb,
+                    selection=self.selection, redundancy_lambda=self.redundancy_lambda,
+                    redundancy=self.redundancy, **self.params)
+
 
 class PruneConfig(Strict):
     target_macs_reduction: Optional[float] = Field(2.0, gt=1.0, description="MACs before / after")

@@ -150,10 +150,7 @@ def stage_score(run: Run, inp: Inputs, device: str):
     sc = run.cfg.score
     calib = inp.calibration.data.subset(range(min(sc.num_images, len(inp.calibration.data))))
     scores = score_model(inp.teacher, calib, criterion=sc.criterion, num_classes=run.cfg.model.num_classes,
-                         device=device, levels=sc.levels, radius=sc.radius, quantization=sc.quantization,
-                         use_predicted_labels=sc.use_predicted_labels, cache_mb=sc.cache_mb, progress=run.progress,
-                         selection=sc.selection, redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy,
-                         **sc.params)
+                         device=device, progress=run.progress, **sc.options())
     scores.to_json(path)
     scores.to_csv(run.dir / "scores.csv")
     run.report["scoring"] = {"criterion": sc.criterion, "seconds": round(scores.seconds, 3),
@@ -200,9 +197,7 @@ def _rescorer(run: Run, inp: Inputs, device: str):
     sc = run.cfg.score
     calib = inp.calibration.data.subset(range(min(sc.num_images, len(inp.calibration.data))))
     return make_rescorer(sc.criterion, calib, normalize=run.cfg.prune.normalize, num_classes=run.cfg.model.num_classes,
-                         device=device, levels=sc.levels, radius=sc.radius, quantization=sc.quantization,
-                         use_predicted_labels=sc.use_predicted_labels, cache_mb=sc.cache_mb, selection=sc.selection,
-                         redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy, **sc.params)
+                         device=device, **sc.options())
 
 
 def record_pruned(run: Run, inp: Inputs, model: torch.nn.Module, device: str, *, macs: tuple[int, int],

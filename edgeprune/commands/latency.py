@@ -60,10 +60,7 @@ def _model_and_scores(cfg, progress: bool):
         return model, None
     calib = load_calibration(cfg.data, sc.num_images).data
     scores = score_model(model, calib, criterion=sc.criterion, num_classes=cfg.model.num_classes,
-                         batch_size=cfg.data.batch_size, levels=sc.levels, radius=sc.radius,
-                         quantization=sc.quantization, use_predicted_labels=sc.use_predicted_labels,
-                         cache_mb=sc.cache_mb, progress=progress, selection=sc.selection,
-                         redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy, **sc.params)
+                         batch_size=cfg.data.batch_size, progress=progress, **sc.options())
     return model, scores.scores
 
 

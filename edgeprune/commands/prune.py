@@ -66,9 +66,7 @@ def _scores_and_importance(model, cfg, progress: bool):
     if not crit.needs_data:
         return make_importance(sc.criterion, normalize=cfg.prune.normalize), None, None
     calib = load_calibration(cfg.data, sc.num_images).data
-    kw = dict(num_classes=cfg.model.num_classes, batch_size=cfg.data.batch_size, levels=sc.levels, radius=sc.radius,
-              quantization=sc.quantization, use_predicted_labels=sc.use_predicted_labels, cache_mb=sc.cache_mb,
-              selection=sc.selection, redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy, **sc.params)
+    kw = dict(num_classes=cfg.model.num_classes, batch_size=cfg.data.batch_size, **sc.options())
     scores = score_model(model, calib, criterion=sc.criterion, progress=progress, **kw)
     rescore = make_rescorer(sc.criterion, calib, normalize=cfg.prune.normalize, **kw)
     return make_importance(sc.criterion, scores, normalize=cfg.prune.normalize), scores.scores, rescore

@@ -43,10 +43,7 @@ def run_score(*, config: Optional[Path], weights: Optional[Path], arch: Optional
     calib = load_calibration(cfg.data, cfg.score.num_images).data
     sc = cfg.score
     result = score_model(model, calib, criterion=sc.criterion, num_classes=cfg.model.num_classes,
-                         batch_size=cfg.data.batch_size, levels=sc.levels, radius=sc.radius,
-                         quantization=sc.quantization, use_predicted_labels=sc.use_predicted_labels,
-                         cache_mb=sc.cache_mb, progress=progress, selection=sc.selection,
-                         redundancy_lambda=sc.redundancy_lambda, redundancy=sc.redundancy, **sc.params)
+                         batch_size=cfg.data.batch_size, progress=progress, **sc.options())
     out.mkdir(parents=True, exist_ok=True)
     result.to_json(out / "scores.json")
     result.to_csv(out / "scores.csv")
