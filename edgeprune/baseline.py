@@ -14,7 +14,6 @@ that cannot be built is recorded as ``baseline: {"error": ...}`` with a warning:
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,23 +90,14 @@ def compile_baseline(run: "Run", inp: "Inputs", onnx_path: Path, target: TargetC
                      precision: Precision) -> "CompiledArtifact":
     """Compile the unpruned ONNX for ``target`` at ``precision`` into ``baseline/<target>/<precision>``,
     with the same target settings and calibration images as the pruned artifact."""
-    from .backends import get_backend
+    from .check import compile_target
 
-    out_dir = run.dir / "baseline" / target.name / precision.value
-    calib = inp.calibration.data.images.numpy() if precision == Precision.int8 else None
-    t0 = time.perf_counter()
-    artifact = get_backend(target.backend.value).compile(onnx_path, out_dir, target=target, precision=precision,
-                                                         calibration=calib)
-    artifact.meta["compile_seconds"] = round(time.perf_counter() - t0, 3)
-    return artifact
+    return compile_target(run, inp, onnx_path, target, precision,
+                          out_dir=run.dir / "baseline" / target.name / precision.value)
 
 
 def baseline_accuracy(artifact: "CompiledArtifact", inp: "Inputs", target: TargetConfig) -> float:
     """Top-1 of the compiled baseline on the run's eval split (the split the pruned artifact is checked on)."""
-    from .backends import get_backend
-    from .check import artifact_batch
-    from .export import run_batched
+    from .check import eval_logits
 
-    runner = get_backend(artifact.backend).load(artifact, target=target)
-    logits = run_batched(runner, inp.eval.images.numpy(), artifact_batch(target))  # (N, K)
-    return float(np.mean(logits.argmax(1) == inp.eval.labels.numpy()))
+    return float(np.mean(eval_logits(artifact, inp, target).argmax(1) == inp.eval.labels.numpy()))

@@ -46,15 +46,19 @@ def check_artifact(run: "Run", inp: "Inputs", model: torch.nn.Module, artifact: 
     return summarize(artifact, target, parity, accuracy, bench, run.report["accuracy"]["baseline"], root=run.dir)
 
 
-def evaluate_artifact(run: "Run", inp: "Inputs", model: torch.nn.Module, artifact: "CompiledArtifact",
-                      target: TargetConfig) -> tuple[dict, float]:
-    """(parity with the FP32 PyTorch model on the held-out images, top-1 accuracy on the eval split)."""
+def eval_logits(artifact: "CompiledArtifact", inp: "Inputs", target: TargetConfig) -> np.ndarray:
+    """(N, K) logits of the compiled artifact on the run's eval split."""
     from .backends import get_backend
 
     runner = get_backend(artifact.backend).load(artifact, target=target)
-    bs = artifact_batch(target)
+    return run_batched(runner, inp.eval.images.numpy(), artifact_batch(target))
+
+
+def evaluate_artifact(run: "Run", inp: "Inputs", model: torch.nn.Module, artifact: "CompiledArtifact",
+                      target: TargetConfig) -> tuple[dict, float]:
+    """(parity with the FP32 PyTorch model on the held-out images, top-1 accuracy on the eval split)."""
     n = run.cfg.export.parity_images
-    logits = run_batched(runner, inp.eval.images.numpy(), bs)  # (N, K)
+    logits = eval_logits(artifact, inp, target)  # (N, K)
     parity = compare_outputs(torch_logits(model, inp.eval.images[:n]), logits[:n])
     accuracy = float(np.mean(logits.argmax(1) == inp.eval.labels.numpy()))
     return parity.to_dict(), accuracy
