@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
+
+from .safety import atomic_write
 
 ARTIFACT_COLUMNS = (
     ("target", "Target"), ("precision", "Precision"), ("device", "Device"), ("size", "Size"),
@@ -375,9 +376,9 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "html": run_dir / "report.html"}
-    _atomic_write(paths["json"], json.dumps(report, indent=1, default=str))
-    _atomic_write(paths["md"], render_markdown(report))
-    _atomic_write(paths["html"], render_html(report))
+    atomic_write(paths["json"], json.dumps(report, indent=1, default=str))
+    atomic_write(paths["md"], render_markdown(report))
+    atomic_write(paths["html"], render_html(report))
     return paths
 
 
@@ -392,9 +393,3 @@ def load_report(run_dir: Path) -> dict[str, Any]:
         return json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{p} is not valid JSON: {exc}") from exc
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
