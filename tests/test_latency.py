@@ -158,7 +158,12 @@ def test_real_onnxruntime_cpu(tiny_model, tmp_path):
               cache_dir=tmp_path, lut_points=1, lut_holdout=1, measure_settings=settings)
     res = latency_prune(tiny_model, X, budget_ms=1e-4, **kw)  # unreachable: the closest point is reported
     assert not res.met
-    assert res.final_ms <= res.base_ms  # every accepted point was measured faster than the one before
+    # Acceptance is decided by a paired A/B run; the level stored for an accepted point is a later, unpaired
+    # run, so comparing final_ms with base_ms would be a timing assertion (it failed once in CI under load).
+    # What the search guarantees: the returned model is the last accepted point, no bigger than the original.
+    accepted = [s for s in res.trajectory if not s.rolled_back]
+    assert res.macs_after <= res.macs_before and (res.macs_after < res.macs_before) == bool(accepted)
+    assert res.final_ms > 0
     assert res.trajectory and all(s.measured_ms is None or s.measured_ms > 0 for s in res.trajectory)
     assert res.lut_error["n"] == 1 and not res.lut["from_cache"]
     assert set(res.lut["deltas"]) == {"head.0", "dw.3", "dw.0", "res1.0"}
