@@ -24,13 +24,13 @@ from .errors import EdgePruneError
 
 if TYPE_CHECKING:
     from .backends.base import CompiledArtifact
-    from .pipeline import Inputs, Run
+    from .context import Inputs, RunContext
 
 log = logging.getLogger("edgeprune")
 LATENCY_KEYS = ("p50", "p90", "p95", "p99", "min", "max", "mean")
 
 
-def add_baselines(run: "Run", inp: "Inputs", rows: list[dict[str, Any]]) -> None:
+def add_baselines(run: "RunContext", inp: "Inputs", rows: list[dict[str, Any]]) -> None:
     """Add ``baseline`` and ``speedup`` to every local artifact row (in place)."""
     targets = {t.name: t for t in run.targets}
     onnx_path = None
@@ -51,7 +51,7 @@ def add_baselines(run: "Run", inp: "Inputs", rows: list[dict[str, Any]]) -> None
             log.warning("baseline for %s/%s failed: %s", row["target"], row["precision"], exc)
 
 
-def export_baseline(run: "Run", inp: "Inputs") -> Path:
+def export_baseline(run: "RunContext", inp: "Inputs") -> Path:
     """The unpruned model as ONNX, with the run's export settings (``baseline/model.onnx``)."""
     from .export import export_onnx
 
@@ -63,13 +63,13 @@ def export_baseline(run: "Run", inp: "Inputs") -> Path:
     return path
 
 
-def add_baseline(run: "Run", inp: "Inputs", row: dict[str, Any], target: TargetConfig, onnx_path: Path) -> None:
+def add_baseline(run: "RunContext", inp: "Inputs", row: dict[str, Any], target: TargetConfig, onnx_path: Path) -> None:
     from .backends.base import CompiledArtifact
     from .bench import bench_interleaved, speedup
 
     base = compile_baseline(run, inp, onnx_path, target, Precision(row["precision"]))
     pruned = CompiledArtifact.load(run.dir / Path(row["path"]).parent)
-    accuracy = baseline_accuracy(base, inp, target)
+    accuracy = baseline_accuracy(base, inp, target, run.cfg.data.batch_size)
     bench = bench_interleaved({"baseline": base, "pruned": pruned}, target=target, cfg=run.cfg.bench,
                               rounds=run.cfg.bench.baseline_rounds)
     b, p = bench["results"]["baseline"], bench["results"]["pruned"]
@@ -86,18 +86,18 @@ def add_baseline(run: "Run", inp: "Inputs", row: dict[str, Any], target: TargetC
     row["speedup"] = speedup(b["p50"], p["p50"])
 
 
-def compile_baseline(run: "Run", inp: "Inputs", onnx_path: Path, target: TargetConfig,
+def compile_baseline(run: "RunContext", inp: "Inputs", onnx_path: Path, target: TargetConfig,
                      precision: Precision) -> "CompiledArtifact":
     """Compile the unpruned ONNX for ``target`` at ``precision`` into ``baseline/<target>/<precision>``,
     with the same target settings and calibration images as the pruned artifact."""
-    from .check import compile_target
+    from .artifact_check import compile_target
 
     return compile_target(run, inp, onnx_path, target, precision,
                           out_dir=run.dir / "baseline" / target.name / precision.value)
 
 
-def baseline_accuracy(artifact: "CompiledArtifact", inp: "Inputs", target: TargetConfig) -> float:
+def baseline_accuracy(artifact: "CompiledArtifact", inp: "Inputs", target: TargetConfig, eval_batch: int) -> float:
     """Top-1 of the compiled baseline on the run's eval split (the split the pruned artifact is checked on)."""
-    from .check import eval_logits
+    from .artifact_check import eval_logits
 
-    return float(np.mean(eval_logits(artifact, inp, target).argmax(1) == inp.eval.labels.numpy()))
+    return float(np.mean(eval_logits(artifact, inp, target, eval_batch).argmax(1) == inp.eval.labels.numpy()))

@@ -18,19 +18,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .check import accuracy_ok, artifact_batch, check_artifact, compile_target, evaluate_artifact
+from .artifact_check import accuracy_ok, artifact_batch, check_artifact, compile_target, evaluate_artifact
 from .config import Precision, TargetConfig
 from .export import run_batched, torch_logits
 from .int8_ladder import SENSITIVITY_IMAGES, Attempt, Int8Ladder, Rung, climb, logit_error
 
 if TYPE_CHECKING:
     from .backends.base import CompiledArtifact
-    from .pipeline import Inputs, Run
+    from .context import Inputs, RunContext
 
 log = logging.getLogger("edgeprune")
 
 
-def climb_int8(run: "Run", inp: "Inputs", model: torch.nn.Module, onnx_path: Path, target: TargetConfig) -> dict:
+def climb_int8(run: "RunContext", inp: "Inputs", model: torch.nn.Module, onnx_path: Path, target: TargetConfig) -> dict:
     from .backends import get_backend
 
     backend = get_backend(target.backend.value)
@@ -76,7 +76,7 @@ def climb_int8(run: "Run", inp: "Inputs", model: torch.nn.Module, onnx_path: Pat
     return row
 
 
-def pruned_drop_pt(run: "Run") -> float:
+def pruned_drop_pt(run: "RunContext") -> float:
     """The pruned FP32 PyTorch model's drop from the baseline, in points (0 when not recorded)."""
     acc = run.report.get("accuracy", {})
     if "pruned" not in acc:
@@ -88,7 +88,7 @@ def _with_options(target: TargetConfig, overrides: dict[str, Any]) -> TargetConf
     return target if not overrides else target.model_copy(update={"options": {**target.options, **overrides}})
 
 
-def _error_probe(run: "Run", inp: "Inputs", model: torch.nn.Module, onnx_path: Path, target: TargetConfig,
+def _error_probe(run: "RunContext", inp: "Inputs", model: torch.nn.Module, onnx_path: Path, target: TargetConfig,
                  tmp: Path):
     """``error_of(options)``: compile INT8 with those overrides into ``tmp`` and return the relative logit
     error against the FP32 model on the first calibration images (the sensitivity pass's measure)."""
@@ -102,13 +102,14 @@ def _error_probe(run: "Run", inp: "Inputs", model: torch.nn.Module, onnx_path: P
         t = _with_options(target, options)
         artifact = compile_target(run, inp, onnx_path, t, Precision.int8, tmp / f"s{next(counter)}")
         runner = get_backend(artifact.backend).load(artifact, target=t)
-        err = logit_error(run_batched(runner, images.numpy(), artifact_batch(t)), np.asarray(reference))
+        err = logit_error(run_batched(runner, images.numpy(), artifact_batch(t, run.cfg.data.batch_size)),
+                          np.asarray(reference))
         shutil.rmtree(Path(artifact.path).parent, ignore_errors=True)
         return err
     return error_of
 
 
-def _p50(run: "Run", artifact: "CompiledArtifact", target: TargetConfig) -> float:
+def _p50(run: "RunContext", artifact: "CompiledArtifact", target: TargetConfig) -> float:
     from .bench import bench_artifact
 
     bench = bench_artifact(artifact, target=target, cfg=run.cfg.bench, progress=run.progress)

@@ -209,7 +209,7 @@ def _remote_path(workdir: str, name: str) -> str:
 
 def stage_job(stage: Path, *, target: Any, onnx_path: Path, calibration: Optional[np.ndarray],
               eval_data: Optional[tuple[np.ndarray, np.ndarray]], precisions: Sequence[Any],
-              bench_cfg: Any) -> list[Path]:
+              bench_cfg: Any, eval_batch: int) -> list[Path]:
     """Write the files the worker needs into ``stage``; return them."""
     from . import __version__
 
@@ -220,6 +220,7 @@ def stage_job(stage: Path, *, target: Any, onnx_path: Path, calibration: Optiona
         "target": target.model_dump(mode="json", exclude={"host"}),
         "precisions": [getattr(p, "value", p) for p in precisions],
         "bench": bench_cfg.model_dump(mode="json") if bench_cfg is not None else {},
+        "eval_batch": eval_batch,
     }
     if calibration is not None:
         np.savez(stage / "calibration.npz", images=np.ascontiguousarray(calibration, dtype=np.float32))
@@ -237,7 +238,8 @@ def stage_job(stage: Path, *, target: Any, onnx_path: Path, calibration: Optiona
 
 def run_remote(target: Any, *, onnx_path: Path, calibration: Optional[np.ndarray],
                eval_data: Optional[tuple[np.ndarray, np.ndarray]], out_dir: Path, precisions: Sequence[Any],
-               bench_cfg: Any, timeout_s: float = 3600.0, keep_remote: bool = False) -> list[dict[str, Any]]:
+               bench_cfg: Any, eval_batch: int, timeout_s: float = 3600.0,
+               keep_remote: bool = False) -> list[dict[str, Any]]:
     """Compile, check and benchmark ``target`` on its box; return one result dict per precision.
 
     Each result: ``{"target", "precision", "artifact": CompiledArtifact dict with local paths,
@@ -256,7 +258,7 @@ def run_remote(target: Any, *, onnx_path: Path, calibration: Optional[np.ndarray
     try:
         results = _run_job(session, abs_dir, target=target, onnx_path=onnx_path, calibration=calibration,
                            eval_data=eval_data, out_dir=Path(out_dir), precisions=precisions, bench_cfg=bench_cfg,
-                           timeout_s=timeout_s, times=times)
+                           eval_batch=eval_batch, timeout_s=timeout_s, times=times)
     except BaseException:
         cleanup_remote(session, abs_dir)
         raise
@@ -270,12 +272,12 @@ def run_remote(target: Any, *, onnx_path: Path, calibration: Optional[np.ndarray
 
 def _run_job(session: RemoteSession, abs_dir: str, *, target: Any, onnx_path: Path, calibration: Optional[np.ndarray],
              eval_data: Optional[tuple[np.ndarray, np.ndarray]], out_dir: Path, precisions: Sequence[Any],
-             bench_cfg: Any, timeout_s: float, times: dict[str, float]) -> list[dict[str, Any]]:
+             bench_cfg: Any, eval_batch: int, timeout_s: float, times: dict[str, float]) -> list[dict[str, Any]]:
     qdir = shlex.quote(abs_dir)
     with tempfile.TemporaryDirectory(prefix="edgeprune-remote-") as tmp:
         t = time.perf_counter()
         files = stage_job(Path(tmp), target=target, onnx_path=onnx_path, calibration=calibration,
-                          eval_data=eval_data, precisions=precisions, bench_cfg=bench_cfg)
+                          eval_data=eval_data, precisions=precisions, bench_cfg=bench_cfg, eval_batch=eval_batch)
         session.put(files, abs_dir, timeout_s=timeout_s)
         times["upload"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -58,7 +58,7 @@ def run_job(job_dir: Path, *, progress: bool = False) -> Path:
     ev = load_npz(job_dir / job["eval"], ("images", "labels")) if job.get("eval") else None
     results = [
         _one_precision(job_dir, job_dir / job["onnx"], target=target, precision=Precision(p), calibration=calib,
-                       eval_data=ev, bench_cfg=bench_cfg, progress=progress)
+                       eval_data=ev, bench_cfg=bench_cfg, eval_batch=int(job["eval_batch"]), progress=progress)
         for p in job["precisions"]
     ]
     out = job_dir / "results.json"
@@ -67,7 +67,8 @@ def run_job(job_dir: Path, *, progress: bool = False) -> Path:
 
 
 def _one_precision(job_dir: Path, onnx_path: Path, *, target: Any, precision: Any, calibration: Optional[np.ndarray],
-                   eval_data: Optional[dict[str, np.ndarray]], bench_cfg: Any, progress: bool) -> dict[str, Any]:
+                   eval_data: Optional[dict[str, np.ndarray]], bench_cfg: Any, eval_batch: int,
+                   progress: bool) -> dict[str, Any]:
     import time
 
     from .backends import get_backend
@@ -83,7 +84,7 @@ def _one_precision(job_dir: Path, onnx_path: Path, *, target: Any, precision: An
     row: dict[str, Any] = {"target": target.name, "precision": precision.value, "accuracy": None, "logits_path": None}
     if eval_data is not None:
         runner = backend.load(artifact, target=target)
-        batch = 256 if target.dynamic_batch else target.batch_size
+        batch = eval_batch if target.dynamic_batch else target.batch_size  # the build machine's data.batch_size
         logits = run_batched(runner, eval_data["images"], batch)  # (N, K)
         row["accuracy"] = float(np.mean(logits.argmax(1) == eval_data["labels"]))
         np.save(out_dir / "eval_logits.npy", logits)

@@ -35,7 +35,7 @@ def bundled(tmp_path_factory):
 @pytest.mark.parametrize("target_name", TARGETS)
 def test_bundled_int8_within_budget_on_this_cpu(target_name, bundled, tmp_path):
     from edgeprune.backends import get_backend
-    from edgeprune.check import accuracy_ok, artifact_batch
+    from edgeprune.artifact_check import accuracy_ok, artifact_batch
     from edgeprune.envinfo import isa_features, isa_summary
     from edgeprune.export import run_batched
 
@@ -49,7 +49,7 @@ def test_bundled_int8_within_budget_on_this_cpu(target_name, bundled, tmp_path):
     artifact = backend.compile(onnx_path, tmp_path / "int8", target=target, precision=Precision.int8,
                                calibration=calib)
     runner = backend.load(artifact, target=target)
-    logits = run_batched(runner, images, artifact_batch(target))  # (N, 10)
+    logits = run_batched(runner, images, artifact_batch(target, 256))  # (N, 10)
     seconds = time.perf_counter() - t0
     acc_fp32 = float(np.mean(fp32.argmax(1) == labels))
     acc_int8 = float(np.mean(logits.argmax(1) == labels))

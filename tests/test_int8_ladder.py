@@ -209,6 +209,7 @@ def test_climb_int8_ships_rung2_with_sensitive_layers_in_float(monkeypatch, tmp_
     monkeypatch.setattr(ladder_stage, "evaluate_artifact", fake_evaluate)
     run = SimpleNamespace(dir=tmp_path / "run", progress=False, report={"accuracy": {"baseline": 0.0}},
                           cfg=SimpleNamespace(export=SimpleNamespace(parity_images=16),
+                                              data=SimpleNamespace(batch_size=256),
                                               bench=BenchConfig(warmup_runs=1, warmup_s=0, min_runs=5, min_time_s=0)))
     run.dir.mkdir()
     inp = SimpleNamespace(calibration=SimpleNamespace(data=tiny_data), eval=tiny_data)
@@ -270,6 +271,7 @@ def test_climb_int8_does_not_climb_when_pruning_itself_broke_the_budget(monkeypa
     run = SimpleNamespace(dir=tmp_path / "run", progress=False,
                           report={"accuracy": {"baseline": 1.0, "pruned": 0.8}},
                           cfg=SimpleNamespace(export=SimpleNamespace(parity_images=16),
+                                              data=SimpleNamespace(batch_size=256),
                                               bench=BenchConfig(warmup_runs=1, warmup_s=0, min_runs=5, min_time_s=0)))
     run.dir.mkdir()
     inp = SimpleNamespace(calibration=SimpleNamespace(data=tiny_data), eval=tiny_data)

@@ -135,7 +135,7 @@ def test_round_trip_compiles_benches_and_cleans_up(sshd, tiny_onnx, tmp_path):
     labels = rng.integers(0, 3, 16)
     t0 = time.perf_counter()
     results = run_remote(target, onnx_path=tiny_onnx, calibration=images, eval_data=(images, labels),
-                         out_dir=tmp_path / "out", precisions=[Precision.fp32], bench_cfg=QUICK_BENCH)
+                         out_dir=tmp_path / "out", precisions=[Precision.fp32], bench_cfg=QUICK_BENCH, eval_batch=16)
     seconds = time.perf_counter() - t0
     print(f"\nremote round trip on loopback: {seconds:.2f} s; phases {results[0]['remote']['seconds']}")
     (r,) = results
@@ -174,7 +174,7 @@ def test_version_mismatch(sshd, tiny_onnx, tmp_path):
     remote = _remote(d, port, edgeprune=f"env {VERSION_ENV}=9.9.9 {REMOTE_EDGEPRUNE}")
     with pytest.raises(RemoteError, match=r"version mismatch: edgeprune 9\.9\.9 on .*, 0\.1\.0 here"):
         run_remote(_target(remote), onnx_path=tiny_onnx, calibration=None, eval_data=None, out_dir=tmp_path,
-                   precisions=[Precision.fp32], bench_cfg=QUICK_BENCH)
+                   precisions=[Precision.fp32], bench_cfg=QUICK_BENCH, eval_batch=16)
     assert not (tmp_path / "loopback-ort").exists()
 
 
@@ -185,7 +185,7 @@ def test_worker_failure_leaves_nothing_running_or_on_disk(sshd, tmp_path):
     target = _target(_remote(d, port))
     with pytest.raises(RemoteError, match="remote-worker failed"):
         run_remote(target, onnx_path=bad, calibration=None, eval_data=None, out_dir=tmp_path / "out",
-                   precisions=[Precision.fp32], bench_cfg=QUICK_BENCH)
+                   precisions=[Precision.fp32], bench_cfg=QUICK_BENCH, eval_batch=16)
     work = d / "box-work"
     assert not work.exists() or not any(work.iterdir())
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout

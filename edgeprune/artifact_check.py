@@ -1,4 +1,9 @@
-"""Compile one target/precision and check the artifact: parity, accuracy, latency, budgets."""
+"""Compile one target/precision and check the artifact: parity, accuracy, latency, budgets.
+
+The building blocks of the compile stage (:mod:`edgeprune.stages.compile`), also used by the INT8
+ladder (:mod:`edgeprune.ladder_stage`) and the baseline (:mod:`edgeprune.baseline`). ``ctx`` is the
+stage's :class:`edgeprune.context.RunContext`.
+"""
 from __future__ import annotations
 
 import time
@@ -13,29 +18,36 @@ from .export import compare_outputs, run_batched, torch_logits
 
 if TYPE_CHECKING:
     from .backends.base import CompiledArtifact
-    from .pipeline import Inputs, Run
-
-EVAL_BATCH = 256
+    from .context import Inputs, RunContext
 
 
-def compile_target(run: "Run", inp: "Inputs", onnx_path: Path, target: TargetConfig,
-                   precision: Precision, out_dir: Optional[Path] = None) -> "CompiledArtifact":
+def compile_artifact(onnx_path: Path, out_dir: Path, target: TargetConfig, precision: Precision,
+                     calibration: Optional[np.ndarray]) -> "CompiledArtifact":
+    """One artifact of ``onnx_path`` for ``target`` at ``precision`` in ``out_dir`` (``meta.compile_seconds``)."""
     from .backends import get_backend
 
     backend = get_backend(target.backend.value)
-    out_dir = out_dir or run.dir / "artifacts" / target.name / precision.value
-    calib = inp.calibration.data.images.numpy() if precision == Precision.int8 else None
     t0 = time.perf_counter()
-    artifact = backend.compile(onnx_path, out_dir, target=target, precision=precision, calibration=calib)
+    artifact = backend.compile(onnx_path, out_dir, target=target, precision=precision,
+                               calibration=calibration if precision == Precision.int8 else None)
     artifact.meta["compile_seconds"] = round(time.perf_counter() - t0, 3)
     return artifact
 
 
-def artifact_batch(target: TargetConfig) -> int:
-    return EVAL_BATCH if target.dynamic_batch else target.batch_size
+def compile_target(run: "RunContext", inp: "Inputs", onnx_path: Path, target: TargetConfig,
+                   precision: Precision, out_dir: Optional[Path] = None) -> "CompiledArtifact":
+    """:func:`compile_artifact` into ``artifacts/<target>/<precision>`` with the run's calibration images."""
+    out_dir = out_dir or run.dir / "artifacts" / target.name / precision.value
+    calib = inp.calibration.data.images.numpy() if precision == Precision.int8 else None
+    return compile_artifact(onnx_path, out_dir, target, precision, calib)
 
 
-def check_artifact(run: "Run", inp: "Inputs", model: torch.nn.Module, artifact: "CompiledArtifact",
+def artifact_batch(target: TargetConfig, eval_batch: int) -> int:
+    """The batch an artifact is evaluated with: ``eval_batch`` (``data.batch_size``) when its batch is dynamic."""
+    return eval_batch if target.dynamic_batch else target.batch_size
+
+
+def check_artifact(run: "RunContext", inp: "Inputs", model: torch.nn.Module, artifact: "CompiledArtifact",
                    target: TargetConfig, evaluated: Optional[tuple[dict, float]] = None) -> dict:
     """Parity with the pruned FP32 PyTorch model, accuracy on the eval split, latency, gates.
     ``evaluated`` (parity, accuracy) skips the evaluation when the caller already ran it."""
@@ -46,19 +58,19 @@ def check_artifact(run: "Run", inp: "Inputs", model: torch.nn.Module, artifact: 
     return summarize(artifact, target, parity, accuracy, bench, run.report["accuracy"]["baseline"], root=run.dir)
 
 
-def eval_logits(artifact: "CompiledArtifact", inp: "Inputs", target: TargetConfig) -> np.ndarray:
+def eval_logits(artifact: "CompiledArtifact", inp: "Inputs", target: TargetConfig, eval_batch: int) -> np.ndarray:
     """(N, K) logits of the compiled artifact on the run's eval split."""
     from .backends import get_backend
 
     runner = get_backend(artifact.backend).load(artifact, target=target)
-    return run_batched(runner, inp.eval.images.numpy(), artifact_batch(target))
+    return run_batched(runner, inp.eval.images.numpy(), artifact_batch(target, eval_batch))
 
 
-def evaluate_artifact(run: "Run", inp: "Inputs", model: torch.nn.Module, artifact: "CompiledArtifact",
+def evaluate_artifact(run: "RunContext", inp: "Inputs", model: torch.nn.Module, artifact: "CompiledArtifact",
                       target: TargetConfig) -> tuple[dict, float]:
     """(parity with the FP32 PyTorch model on the held-out images, top-1 accuracy on the eval split)."""
     n = run.cfg.export.parity_images
-    logits = eval_logits(artifact, inp, target)  # (N, K)
+    logits = eval_logits(artifact, inp, target, run.cfg.data.batch_size)  # (N, K)
     parity = compare_outputs(torch_logits(model, inp.eval.images[:n]), logits[:n])
     accuracy = float(np.mean(logits.argmax(1) == inp.eval.labels.numpy()))
     return parity.to_dict(), accuracy
@@ -67,39 +79,6 @@ def evaluate_artifact(run: "Run", inp: "Inputs", model: torch.nn.Module, artifac
 def accuracy_ok(target: TargetConfig, precision: Precision, drop_pt: float, agreement: float) -> bool:
     """The target's accuracy gate: drop within budget and top-1 agreement with FP32 at least the floor."""
     return drop_pt <= target.accuracy_drop_budget_pt and agreement >= target.agreement_floor(precision)
-
-
-def compile_and_check(run: "Run", inp: "Inputs", model: torch.nn.Module, onnx_path: Path, target: TargetConfig,
-                      precision: Precision) -> dict:
-    """Compile, evaluate, gate and benchmark one target/precision; INT8 climbs the recovery ladder
-    (:mod:`edgeprune.int8_ladder`) when its accuracy gate fails."""
-    if precision != Precision.int8:
-        return check_artifact(run, inp, model, compile_target(run, inp, onnx_path, target, precision), target)
-    from .ladder_stage import climb_int8
-
-    return climb_int8(run, inp, model, onnx_path, target)
-
-
-def check_remote(run: "Run", inp: "Inputs", model: torch.nn.Module, onnx_path: Path,
-                 target: TargetConfig) -> list[dict]:
-    """Compile, check and benchmark on the target's box over OpenSSH; parity is computed here
-    from the eval logits the box sends back."""
-    from .backends.base import CompiledArtifact
-    from .remote import run_remote
-
-    n = run.cfg.export.parity_images
-    reference = torch_logits(model, inp.eval.images[:n])
-    results = run_remote(target, onnx_path=onnx_path, calibration=inp.calibration.data.images.numpy(),
-                         eval_data=(inp.eval.images.numpy(), inp.eval.labels.numpy()),
-                         out_dir=run.dir / "artifacts", precisions=target.precisions, bench_cfg=run.cfg.bench)
-    rows = []
-    for r in results:
-        parity = compare_outputs(reference, np.load(r["logits_path"])[:n])
-        row = summarize(CompiledArtifact.from_dict(r["artifact"]), target, parity.to_dict(), r["accuracy"],
-                        r["bench"], run.report["accuracy"]["baseline"], root=run.dir)
-        row["remote"] = r["remote"]
-        rows.append(row)
-    return rows
 
 
 def summarize(artifact: "CompiledArtifact", target: TargetConfig, parity: dict, accuracy: float, bench: dict,
