@@ -66,11 +66,15 @@ def round_to_for(targets: list[TargetConfig], explicit: Optional[int]) -> int:
     return explicit or max((t.round_to for t in targets), default=1)
 
 
+def train_val(cfg: PipelineConfig) -> tuple[TensorData, TensorData]:
+    """The train split, less ``data.val_fraction`` held out for early stopping (seeded by ``finetune.seed``)."""
+    return train_val_split(load_split(cfg.data, "train"), cfg.data.val_fraction, seed=cfg.finetune.seed)
+
+
 def load_inputs(cfg: PipelineConfig) -> Inputs:
     pre = cfg.data.preprocessing
     teacher = load_model(cfg.model, cfg.model.in_channels or pre.channels)
-    train_all = load_split(cfg.data, "train")
-    train, val = train_val_split(train_all, cfg.data.val_fraction, seed=cfg.finetune.seed)
+    train, val = train_val(cfg)
     evaluation = load_split(cfg.data, "eval")
     calibration = load_calibration(cfg.data)
     _check_model_fits(teacher, evaluation, cfg)
@@ -85,7 +89,8 @@ def _check_model_fits(model: torch.nn.Module, data: TensorData, cfg: PipelineCon
         raise ModelLoadError(f"model {cfg.model.arch} does not accept input {tuple(data.images.shape[1:])}: {exc}",
                              hint="check data.preprocessing (channels, height, width)") from exc
     if out.ndim != 2 or out.shape[1] != cfg.model.num_classes:
-        raise ModelLoadError(f"model output shape {tuple(out.shape)} does not match num_classes={cfg.model.num_classes}")
+        raise ModelLoadError(f"model output shape {tuple(out.shape)} does not match "
+                             f"num_classes={cfg.model.num_classes}")
 
 
 class Run:

@@ -12,7 +12,6 @@ itself resumes from its last epoch checkpoint).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,10 +21,11 @@ import torch
 
 from . import __version__
 from .config import PipelineConfig, TargetConfig, dump_yaml
-from .context import Inputs, Run, RunContext, load_inputs, round_to_for, torch_device
+from .context import Inputs, Run, load_inputs, round_to_for, torch_device
 from .errors import EdgePruneError, GateError
 from .guard import at_stage
 from .preflight import preflight
+from .report_model import AccuracySection, DataSection, RunSection
 from .safety import atomic_write
 from .scoring import ChannelScores
 from .stages import compile as compile_stage
@@ -163,13 +163,13 @@ def _start_report(run: Run, inp: Inputs, device: str, command: str) -> None:
     cfg, targets = run.cfg, run.targets
     atomic_write(run.dir / "config.yaml", dump_yaml(cfg))
     run.report.update(
-        run={"name": cfg.name, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "command": command, "edgeprune": __version__, "device": device,
-             "targets": [t.name for t in targets], "config": cfg.model_dump(mode="json"),
-             "targets_config": [t.model_dump(mode="json") for t in targets]},
-        accuracy={"baseline": prune_stage.accuracy(inp.teacher, inp.eval, device)},
-        data={"eval": inp.eval.source, "eval_images": len(inp.eval), "train_images": len(inp.train),
-              "val_images": len(inp.val), "classes": inp.eval.classes},
+        run=RunSection(name=cfg.name, started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       command=command, edgeprune=__version__, device=device, targets=[t.name for t in targets],
+                       config=cfg.model_dump(mode="json"),
+                       targets_config=[t.model_dump(mode="json") for t in targets]).dump(),
+        accuracy=AccuracySection(baseline=prune_stage.accuracy(inp.teacher, inp.eval, device)).dump(),
+        data=DataSection(eval=inp.eval.source, eval_images=len(inp.eval), train_images=len(inp.train),
+                         val_images=len(inp.val), classes=inp.eval.classes).dump(),
         preprocessing=cfg.data.preprocessing.model_dump(mode="json"),
         environment=_host_environment(),
         warnings=[])

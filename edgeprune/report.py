@@ -372,7 +372,11 @@ def _md_lines_to_html(lines: list[str]) -> str:
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
-    """Write report.json, report.md and report.html into ``run_dir``; return their paths."""
+    """Write report.json, report.md and report.html into ``run_dir``; return their paths. The report is
+    checked against :class:`edgeprune.report_model.Report` first (a section of the wrong shape fails)."""
+    from .report_model import validate_report
+
+    validate_report(report)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "html": run_dir / "report.html"}
@@ -389,7 +393,13 @@ def load_report(run_dir: Path) -> dict[str, Any]:
     p = p / "report.json" if p.is_dir() else p
     if not p.is_file():
         raise DataError(f"no report.json in {run_dir}", hint="pass a finished run directory or its report.json")
+    from .report_model import validate_report
+
     try:
-        return json.loads(p.read_text())
+        report = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{p} is not valid JSON: {exc}") from exc
+    if not isinstance(report, dict):
+        raise DataError(f"{p} holds a {type(report).__name__}, not a report object")
+    validate_report(report, str(p))
+    return report

@@ -29,7 +29,7 @@ def compile_cmd(
 
     tgt = load_target(target)
     precisions = precision or list(tgt.precisions)
-    backend = get_backend(tgt.backend.value)
+    get_backend(tgt.backend.value)  # a missing runtime fails here, before any calibration image is read
     data_cfg = load_pipeline_config(config).data
     # without --config the ONNX's own C, H, W are taken as they are; the batch must fit the target in any case
     check_onnx_input(check_onnx_file(onnx), onnx, shape=data_cfg.preprocessing.shape if config else None,
@@ -44,7 +44,7 @@ def compile_cmd(
         typer.echo(f"calibration: {summary['count']} images from {summary['path']}")
     table = Table("target", "backend", "precision", "device", "artifact", "size (KiB)")
     for p in precisions:
-        art = _compile_one(backend, onnx, out, tgt, p, calib if p == Precision.int8 else None, force)
+        art = _compile_one(onnx, out, tgt, p, calib if p == Precision.int8 else None, force)
         if p == Precision.int8 and summary:
             art.meta["calibration"]["source"] = summary  # where the images came from (path, files hash)
             art.save()
@@ -65,14 +65,17 @@ def _check_out(out: Path, precisions: list[Precision], force: bool) -> None:
                           "artifacts of two models", hint="pass --force to replace them, or another --out")
 
 
-def _compile_one(backend, onnx: Path, out: Path, tgt, precision: Precision, calib, force: bool):
-    """One artifact into OUT/<precision>, built in a fresh folder; a failed build leaves no folder behind."""
+def _compile_one(onnx: Path, out: Path, tgt, precision: Precision, calib, force: bool):
+    """One artifact into OUT/<precision> with the compile stage's call, built in a fresh folder; a failed
+    build leaves no folder behind."""
+    from ..stages.compile import compile_artifact
+
     folder = out / precision.value
     created_out = not out.exists()
     if force and folder.exists():
         shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
     try:
-        return backend.compile(onnx, folder, target=tgt, precision=precision, calibration=calib)
+        return compile_artifact(onnx, folder, tgt, precision, calib)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         if created_out and out.is_dir() and not any(out.iterdir()):

@@ -42,14 +42,14 @@ def _teacher(teacher: Optional[Path], meta: dict, cfg):
 
 def run_finetune(*, pruned: Optional[Path], teacher: Optional[Path], config: Optional[Path], epochs: Optional[float],
                  out: Path, device: str, progress: bool = True):
+    """The pipeline's fine-tune stage on a pruned-model folder; checkpoints kept in ``OUT/ckpt`` for resuming."""
     from ..config import load_pipeline_config
-    from ..data import load_split, train_val_split
-    from ..finetune import finetune, validate_config
-    from ..pipeline import torch_device
-    from ..prune import save_pruned
-
+    from ..context import RunContext, torch_device, train_val
+    from ..finetune import validate_config
     from ..preflight import check_classes, check_device
     from ..safety import atomic_write, check_writable
+    from ..stages import finetune as finetune_stage
+    from ..stages.prune import PrunedMeta
 
     cfg = load_pipeline_config(config, {"finetune.epochs": epochs} if epochs is not None else None)
     validate_config(cfg.finetune)
@@ -58,12 +58,11 @@ def run_finetune(*, pruned: Optional[Path], teacher: Optional[Path], config: Opt
     student, meta = _student_and_meta(pruned, cfg)
     check_classes(cfg.data, meta["num_classes"])
     teach = _teacher(teacher, meta, cfg)
-    train, val = train_val_split(load_split(cfg.data, "train"), cfg.data.val_fraction or 0.05, seed=cfg.finetune.seed)
-    dev = torch_device(device)
-    res = finetune(student, teach, train, val, cfg.finetune, ckpt_dir=out / "ckpt", device=dev, progress=progress)
-    save_pruned(res.model.cpu(), out, arch=meta["arch"], model_kwargs=meta["model_kwargs"],
-                num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-                input_shape=tuple(meta["input_shape"]))
+    train, val = train_val(cfg)
+    ctx = RunContext(cfg, [], out, device=torch_device(device), progress=progress)
+    step = finetune_stage.FinetuneInput(student, teach, train, val, out_dir=out, meta=PrunedMeta.from_json(meta),
+                                        ckpt_dir=out / "ckpt")
+    res = finetune_stage.run(ctx, step).result
     atomic_write(out / "finetune.json", json.dumps(res.to_dict(), indent=1))
     return res
 

@@ -14,15 +14,17 @@ def run_latency_prune(*, config: Optional[Path], target: str, budget_ms: Optiona
                       arch: Optional[str], criterion: Optional[str], confirm_every: int, cache_dir: Optional[Path],
                       out: Path, threads: Optional[int], lut_points: int, lut_holdout: int, overrides: list[str],
                       progress: bool = True) -> Path:
+    """The pipeline's latency stage for one target: ``OUT/pruned``, ``OUT/latency_search.json`` and the plot."""
+    import torch
+
     from ..config import resolve_targets
-    from ..latency import latency_prune
-    from ..prune import save_pruned
+    from ..context import RunContext, torch_device
+    from ..safety import atomic_write, check_writable
+    from ..stages import latency as latency_stage
     from .run import build_config
 
     cfg = build_config(config, overrides, **{"model.weights": str(weights) if weights else None, "model.arch": arch,
                                              "score.criterion": criterion})
-    from ..safety import atomic_write, check_writable
-
     check_writable(out, "output folder")
     tgt = resolve_targets([target])[0]
     if threads:
@@ -30,38 +32,30 @@ def run_latency_prune(*, config: Optional[Path], target: str, budget_ms: Optiona
     budget = budget_ms or tgt.latency_budget_ms
     if budget is None:
         raise ConfigError(f"no latency budget: pass --budget-ms or set latency_budget_ms in target {tgt.name!r}")
-    model, scores = _model_and_scores(cfg, progress)
-    pre = cfg.data.preprocessing
-    import torch
-
-    example = torch.zeros(1, *pre.shape)
-    res = latency_prune(model, example, target=tgt, budget_ms=budget, scores=scores, criterion=cfg.score.criterion,
-                        confirm_every=confirm_every, cache_dir=cache_dir, progress=progress,
-                        round_to=cfg.prune.round_to, max_layer_ratio=cfg.prune.max_layer_ratio, ignore=cfg.prune.ignore,
-                        lut_points=lut_points, lut_holdout=lut_holdout)
-    out.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(cfg, [tgt], out, device=torch_device(cfg.device), progress=progress)
+    model, scores = _model_and_scores(ctx)
+    res = latency_stage.run(ctx, latency_stage.LatencyInput(
+        model, torch.zeros(1, *cfg.data.preprocessing.shape), tgt, budget, scores, confirm_every=confirm_every,
+        cache_dir=cache_dir, lut_points=lut_points, lut_holdout=lut_holdout)).result
     atomic_write(out / "latency_search.json", json.dumps({"latency_search": res.to_dict()}, indent=1, default=str))
-    res.plot(out / "latency_trajectory.png")
-    save_pruned(res.model, out / "pruned", arch=cfg.model.arch, model_kwargs=cfg.model.kwargs,
-                num_classes=cfg.model.num_classes, in_channels=pre.channels, input_shape=pre.shape)
     typer.echo(res.summary())
-    typer.echo(f"wrote {out / 'latency_search.json'}, {out / 'latency_trajectory.png'} and {out / 'pruned'}")
+    typer.echo(f"wrote {out / 'latency_search.json'}, {out / latency_stage.PLOT} and {out / 'pruned'}")
     return out
 
 
-def _model_and_scores(cfg, progress: bool):
+def _model_and_scores(ctx):
+    """The unpruned model and its channel scores (None when the criterion reads only the weights)."""
     from ..data import load_calibration
     from ..models import load_model
-    from ..scoring import needs_data, score_model
+    from ..scoring import needs_data
+    from ..stages import score as score_stage
 
+    cfg = ctx.cfg
     model = load_model(cfg.model, cfg.model.in_channels or cfg.data.preprocessing.channels).eval()
-    sc = cfg.score
-    if not needs_data(sc.criterion):
+    if not needs_data(cfg.score.criterion):
         return model, None
-    calib = load_calibration(cfg.data, sc.num_images).data
-    scores = score_model(model, calib, criterion=sc.criterion, num_classes=cfg.model.num_classes,
-                         batch_size=cfg.data.batch_size, progress=progress, **sc.options())
-    return model, scores.scores
+    calib = load_calibration(cfg.data, cfg.score.num_images).data
+    return model, score_stage.run(ctx, score_stage.ScoreInput(model, calib))
 
 
 def register(app: typer.Typer) -> None:

@@ -54,56 +54,46 @@ def _overrides(weights, arch, criterion, ratio, target_macs, target_params, roun
     return {k: v for k, v in pairs.items() if v is not None}
 
 
-def _scores_and_importance(model, cfg, progress: bool):
-    from ..data import load_calibration
-    from ..scoring import CRITERIA, make_importance, make_rescorer, score_model
-
-    sc = cfg.score
-    crit = CRITERIA.get(sc.criterion)
-    if getattr(crit, "needs_gradients", False):
-        raise ConfigError(f"criterion {sc.criterion!r} needs gradients, which `edgeprune prune` does not compute",
-                          hint="use l1, l2, fpgm, bn-scale, random, sae, sae-mi, sae-kernel-mi or mi")
-    if not crit.needs_data:
-        return make_importance(sc.criterion, normalize=cfg.prune.normalize), None, None
-    calib = load_calibration(cfg.data, sc.num_images).data
-    kw = dict(num_classes=cfg.model.num_classes, batch_size=cfg.data.batch_size, **sc.options())
-    scores = score_model(model, calib, criterion=sc.criterion, progress=progress, **kw)
-    rescore = make_rescorer(sc.criterion, calib, normalize=cfg.prune.normalize, **kw)
-    return make_importance(sc.criterion, scores, normalize=cfg.prune.normalize), scores.scores, rescore
-
-
 def run_prune(*, config: Optional[Path], overrides: dict, out: Path, ignore: list[str], progress: bool = True) -> Path:
+    """The pipeline's prune stage on one model: channels rounded for the config's targets (or
+    ``prune.round_to``), any criterion the pipeline takes (Taylor included)."""
     import torch
 
-    from ..config import load_pipeline_config
+    from ..config import load_pipeline_config, resolve_targets
+    from ..context import RunContext, torch_device
     from ..models import load_model
-    from ..prune import prune_model, save_pruned
-
     from ..safety import atomic_write, check_writable
+    from ..stages import prune as prune_stage
     from ..trust import trust
 
     trust(overrides.get("model.arch"))  # named on the command line by the user
     cfg = load_pipeline_config(config, overrides)
     check_writable(out, "output folder")
-    in_ch = cfg.model.in_channels or cfg.data.preprocessing.channels
-    model = load_model(cfg.model, in_ch)
-    shape = cfg.data.preprocessing.shape
-    importance, scores, rescore = _scores_and_importance(model, cfg, progress)
-    p = cfg.prune
-    result = prune_model(model, torch.zeros(1, *shape), importance, target_macs_reduction=p.target_macs_reduction,
-                         target_params_reduction=p.target_params_reduction, ratio=p.ratio,
-                         round_to=p.round_to if p.round_to is not None else 8, max_layer_ratio=p.max_layer_ratio,
-                         global_ranking=p.global_ranking, iterative_steps=p.iterative_steps,
-                         ignore=[*p.ignore, *ignore], tolerance=p.tolerance, scores=scores,
-                         rescore=rescore if p.rescore_between_steps else None, global_normalize=p.global_normalize,
-                         progress=progress, trace_timeout_s=p.trace_timeout_s)
-    save_pruned(result.model, out, arch=cfg.model.arch, model_kwargs=cfg.model.kwargs,
-                num_classes=cfg.model.num_classes, in_channels=in_ch, input_shape=shape)
+    model = load_model(cfg.model, cfg.model.in_channels or cfg.data.preprocessing.channels)
+    ctx = RunContext(cfg, resolve_targets(cfg.targets), out, device=torch_device(cfg.device), progress=progress)
+    calib, scores = _calibration_and_scores(ctx, model)
+    result = prune_stage.run(ctx, prune_stage.PruneInput(model, torch.zeros(1, *cfg.data.preprocessing.shape), scores,
+                                                         calibration=calib, ignore=tuple(ignore), out_dir=out)).result
     atomic_write(out / "prune_table.txt", result.table() + "\n")
     atomic_write(out / "prune_report.json", json.dumps(result.to_dict(), indent=1))
     typer.echo(result.table())
     typer.echo(f"wrote {out}")
     return out
+
+
+def _calibration_and_scores(ctx, model):
+    """(calibration images, channel scores) for the criterion: both None when it reads only the weights."""
+    from ..data import load_calibration
+    from ..scoring import needs_data, needs_gradients
+    from ..stages import score as score_stage
+
+    sc = ctx.cfg.score
+    if not needs_data(sc.criterion) and not needs_gradients(sc.criterion) and not ctx.cfg.prune.rescore_between_steps:
+        return None, None
+    calib = load_calibration(ctx.cfg.data, sc.num_images).data
+    if not needs_data(sc.criterion):
+        return calib, None
+    return calib, score_stage.run(ctx, score_stage.ScoreInput(model, calib))
 
 
 def register(app: typer.Typer) -> None:
@@ -129,7 +119,8 @@ def register(app: typer.Typer) -> None:
         ratio: Optional[float] = typer.Option(None, help="fixed channel ratio instead of a target"),
         target_macs: Optional[float] = typer.Option(None, help="MACs reduction to reach, e.g. 2.0"),
         target_params: Optional[float] = typer.Option(None, help="parameter reduction to reach"),
-        round_to: Optional[int] = typer.Option(None, help="channel multiple (default 8)"),
+        round_to: Optional[int] = typer.Option(None, help="channel multiple (default: the largest of the config's "
+                                               "targets, as in `edgeprune run`)"),
         global_ranking: Optional[bool] = typer.Option(None, "--global/--uniform", help="ranking scope"),
         ignore: list[str] = typer.Option([], "--ignore", help="module name to leave alone; repeatable"),
         out: Path = typer.Option(Path("pruned"), "--out", "-o", help="output folder"),

@@ -105,23 +105,31 @@ def register(app: typer.Typer) -> None:
     def export(
         pruned: Path = typer.Argument(..., help="pruned model folder (from `edgeprune prune`/`run`)"),
         out: Path = typer.Option(Path("model.onnx"), help="ONNX file to write"),
-        opset: int = typer.Option(17),
-        exporter: str = typer.Option("torchscript", help="torchscript | dynamo"),
-        dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch"),
-        parity_images: int = typer.Option(64, help="random inputs for the parity check"),
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline YAML (its export: section)"),
+        set_: list[str] = typer.Option([], "--set", help="override a config key: export.min_top1_agreement=0.99"),
+        opset: Optional[int] = typer.Option(None, help="default: export.opset"),
+        exporter: Optional[str] = typer.Option(None, help="torchscript | dynamo (default: export.exporter)"),
+        dynamic_batch: Optional[bool] = typer.Option(None, "--dynamic-batch/--static-batch",
+                                                     help="default: export.dynamic_batch"),
+        parity_images: Optional[int] = typer.Option(None, help="random inputs for the parity check "
+                                                    "(default: export.parity_images)"),
     ) -> None:
-        """Export a pruned model to ONNX, run onnx.checker and check parity against PyTorch."""
+        """Export a pruned model to ONNX, run onnx.checker and check parity against PyTorch with the
+        config's tolerances (export.max_abs_diff, export.min_top1_agreement) on random inputs."""
         import torch
 
-        from ..export import export_onnx, onnx_parity
+        from ..context import RunContext
         from ..prune import load_pruned
-
         from ..safety import check_writable, read_json
+        from ..stages import export as export_stage
 
+        cfg = build_config(config, set_, **{"export.opset": opset, "export.exporter": exporter,
+                                            "export.dynamic_batch": dynamic_batch,
+                                            "export.parity_images": parity_images})
         check_writable(out, "ONNX output", folder=False)
         model = load_pruned(pruned)
         shape = tuple(read_json(Path(pruned) / "pruned.json", "pruned-model file", keys=["input_shape"])["input_shape"])
-        images = torch.randn(parity_images, *shape, generator=torch.Generator().manual_seed(0))
-        export_onnx(model, images[:1], out, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter)
-        parity = onnx_parity(out, model, images, min_top1_agreement=0.99)
+        images = torch.randn(cfg.export.parity_images, *shape, generator=torch.Generator().manual_seed(0))
+        ctx = RunContext(cfg, [], Path(out).parent, progress=False)
+        parity = export_stage.run(ctx, export_stage.ExportInput(model, images, path=Path(out))).parity
         typer.echo(f"wrote {out}: max abs diff {parity.max_abs_diff:.3g}, top-1 agreement {parity.top1_agreement:.4f}")

@@ -28,11 +28,11 @@ def run_score(*, config: Optional[Path], weights: Optional[Path], arch: Optional
               num_images: Optional[int], out: Path, plots: bool, filters: str, images: str,
               use_predicted_labels: bool, progress: bool = True) -> Path:
     from ..config import load_pipeline_config
+    from ..context import RunContext, torch_device
     from ..data import load_calibration
     from ..models import load_model
-    from ..scoring import score_model
-
     from ..safety import check_writable
+    from ..stages import score as score_stage
     from ..trust import trust
 
     trust(arch)  # named on the command line by the user
@@ -41,15 +41,12 @@ def run_score(*, config: Optional[Path], weights: Optional[Path], arch: Optional
     filt, imgs = _parse_ints(filters, "--filters"), _parse_ints(images, "--images")
     model = load_model(cfg.model, cfg.model.in_channels or cfg.data.preprocessing.channels)
     calib = load_calibration(cfg.data, cfg.score.num_images).data
-    sc = cfg.score
-    result = score_model(model, calib, criterion=sc.criterion, num_classes=cfg.model.num_classes,
-                         batch_size=cfg.data.batch_size, progress=progress, **sc.options())
-    out.mkdir(parents=True, exist_ok=True)
-    result.to_json(out / "scores.json")
-    result.to_csv(out / "scores.csv")
+    ctx = RunContext(cfg, [], out, device=torch_device(cfg.device), progress=progress)
+    result = score_stage.run(ctx, score_stage.ScoreInput(model, calib))
     typer.echo(result.summary())
     if plots and result.scores:
-        _plots(model, calib, result, out, filt or [0, 1, 2, 3], imgs or [0, 1], sc.levels, cfg.prune.ratio or 0.5)
+        _plots(model, calib, result, out, filt or [0, 1, 2, 3], imgs or [0, 1], cfg.score.levels,
+               cfg.prune.ratio or 0.5)
     typer.echo(f"wrote {out / 'scores.json'}, {out / 'scores.csv'}" + (" and plots" if plots else ""))
     return out
 

@@ -31,7 +31,7 @@ def _scores_for(model: nn.Module, scores: Any, criterion: str) -> dict[str, torc
     raw = getattr(scores, "scores", scores)
     if raw is None or (not raw and criterion not in MAGNITUDE):
         if criterion not in MAGNITUDE:
-            raise ConfigError(f"criterion {criterion!r} needs channel scores: pass scores=score_model(...).scores",
+            raise ConfigError(f"criterion {criterion!r} needs channel scores: pass scores= from the score stage",
                               hint=f"or use a weight-only criterion: {', '.join(MAGNITUDE)}")
         return normalized_scores(model, None, p=MAGNITUDE[criterion])
     return normalized_scores(model, dict(raw))

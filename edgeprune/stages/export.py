@@ -10,6 +10,7 @@ import torch
 
 from ..context import RunContext
 from ..export import Parity
+from ..report_model import ExportSection
 
 
 @dataclass
@@ -36,6 +37,6 @@ def run(ctx: RunContext, inp: ExportInput) -> ExportOutput:
     parity = onnx_parity(path, inp.model, inp.images[: ec.parity_images], max_rel_diff=ec.max_abs_diff,
                          min_top1_agreement=ec.min_top1_agreement)
     shown = path.relative_to(ctx.dir) if path.is_relative_to(ctx.dir) else path
-    ctx.report["export"] = {"path": str(shown), "opset": ec.opset, "exporter": ec.exporter,
-                            "size_bytes": path.stat().st_size, "parity": parity.to_dict()}
+    ctx.report["export"] = ExportSection(path=str(shown), opset=ec.opset, exporter=ec.exporter,
+                                         size_bytes=path.stat().st_size, parity=parity.to_dict()).dump()
     return ExportOutput(path, parity)

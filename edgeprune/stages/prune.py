@@ -15,6 +15,7 @@ from ..context import RunContext, round_to_for
 from ..data import TensorData
 from ..errors import ConfigError
 from ..prune import PruneResult
+from ..report_model import ModelSection
 from ..safety import atomic_write
 from ..scoring import ChannelScores
 
@@ -105,10 +106,7 @@ def record_pruned(ctx: RunContext, model: torch.nn.Module, out_dir: Path, *, tra
     if train is not None:
         recalibrate_bn(model, train, device=ctx.device)  # pruning leaves BN statistics of the wider net
     save(model, out_dir, PrunedMeta.from_config(ctx.cfg))
-    ctx.report["model"] = {"arch": ctx.cfg.model.arch, "macs_before": macs[0], "macs_after": macs[1],
-                           "params_before": params[0], "params_after": params[1],
-                           "macs_reduction": round(macs[0] / max(macs[1], 1), 4),
-                           "params_reduction": round(params[0] / max(params[1], 1), 4)}
+    ctx.report["model"] = ModelSection.from_counts(ctx.cfg.model.arch, macs=macs, params=params).dump()
     if eval is not None:
         ctx.report.setdefault("accuracy", {})["pruned_before_finetune"] = accuracy(model, eval, ctx.device)
 

@@ -7,6 +7,7 @@ import torch
 
 from ..context import RunContext
 from ..data import TensorData
+from ..report_model import ScoringSection
 from ..scoring import ChannelScores
 
 
@@ -29,8 +30,8 @@ def run(ctx: RunContext, inp: ScoreInput) -> ChannelScores:
     ctx.dir.mkdir(parents=True, exist_ok=True)
     scores.to_json(ctx.dir / "scores.json")
     scores.to_csv(ctx.dir / "scores.csv")
-    ctx.report["scoring"] = {"criterion": sc.criterion, "seconds": round(scores.seconds, 3),
-                             "labels_source": scores.labels_source, "num_images": len(calib),
-                             "scores": {k: [round(float(v), 5) for v in t] for k, t in scores.scores.items()}}
+    ctx.report["scoring"] = ScoringSection(
+        criterion=sc.criterion, seconds=round(scores.seconds, 3), labels_source=scores.labels_source,
+        num_images=len(calib), scores={k: [round(float(v), 5) for v in t] for k, t in scores.scores.items()}).dump()
     return scores
 
