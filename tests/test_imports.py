@@ -121,3 +121,18 @@ def test_no_import_cycles():
     comps = strong_components(graph)
     lines = [f"{' -> '.join(_cycle_in(graph, set(c)))}   (modules in this knot: {', '.join(c)})" for c in comps]
     assert not comps, "import cycles (a module path that imports its way back):\n" + "\n".join(lines)
+
+
+def test_scoring_and_saving_a_pruned_model_happen_in_the_stages_only():
+    """Each stage has one implementation: the commands and the pipeline call the stages, which call
+    ``score_model`` and ``save_pruned``; nobody else does (their own packages aside)."""
+    owners = {"score_model": ("edgeprune.scoring", "edgeprune.stages"), "save_pruned": ("edgeprune.prune",
+                                                                                        "edgeprune.stages")}
+    found = []
+    for module, path in module_names().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in owners and not module.startswith(owners[name]):
+                    found.append(f"{module}:{node.lineno} calls {name}")
+    assert not found, "\n".join(found)
