@@ -92,7 +92,7 @@ class ExportSection(Section):
 
 
 class ArtifactRow(Section):
-    """One compiled target/precision (see :func:`edgeprune.artifact_check.summarize`); a row for an
+    """One compiled target/precision (see :func:`edgeprune.stages.check.summarize`); a row for an
     artifact that failed to build has only ``target``, ``precision``, ``status`` and ``error``."""
 
     target: str

@@ -136,3 +136,19 @@ def test_scoring_and_saving_a_pruned_model_happen_in_the_stages_only():
                 if name in owners and not module.startswith(owners[name]):
                     found.append(f"{module}:{node.lineno} calls {name}")
     assert not found, "\n".join(found)
+
+
+# who may import whom: commands -> pipeline -> stages -> context -> libraries
+LAYERS = {
+    "edgeprune.commands": ("edgeprune.cli", "edgeprune.commands"),
+    "edgeprune.pipeline": ("edgeprune.commands",),
+    "edgeprune.stages": ("edgeprune.pipeline", "edgeprune.commands", "edgeprune.stages"),
+    "edgeprune.context": ("edgeprune.pipeline", "edgeprune.commands", "edgeprune.stages"),
+}
+
+
+def test_dependencies_point_one_way():
+    wrong = [f"{m} imports {d}" for m, deps in import_graph().items() for d in sorted(deps)
+             for layer, allowed in LAYERS.items()
+             if (d == layer or d.startswith(layer + ".")) and not m.startswith(allowed)]
+    assert not wrong, "imports against commands -> pipeline -> stages -> context -> libraries:\n" + "\n".join(wrong)

@@ -35,7 +35,7 @@ def bundled(tmp_path_factory):
 @pytest.mark.parametrize("target_name", TARGETS)
 def test_bundled_int8_within_budget_on_this_cpu(target_name, bundled, tmp_path):
     from edgeprune.backends import get_backend
-    from edgeprune.artifact_check import accuracy_ok, artifact_batch
+    from edgeprune.stages.check import accuracy_ok, artifact_batch
     from edgeprune.envinfo import isa_features, isa_summary
     from edgeprune.export import run_batched
 

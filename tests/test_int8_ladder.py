@@ -185,7 +185,7 @@ def test_climb_int8_ships_rung2_with_sensitive_layers_in_float(monkeypatch, tmp_
     rung-2 artifact ships in artifacts/<target>/int8 with its record."""
     from types import SimpleNamespace
 
-    from edgeprune import ladder_stage
+    from edgeprune.stages import ladder as ladder_stage
     from edgeprune.config import BenchConfig, TargetConfig
     from edgeprune.export import export_onnx
 
@@ -263,7 +263,7 @@ def test_climb_int8_does_not_climb_when_pruning_itself_broke_the_budget(monkeypa
     budget, only rung 0 is compiled and the record says why."""
     from types import SimpleNamespace
 
-    from edgeprune import ladder_stage
+    from edgeprune.stages import ladder as ladder_stage
     from edgeprune.config import BenchConfig, TargetConfig
     from edgeprune.export import export_onnx
 

@@ -3,7 +3,7 @@ FP32 PyTorch model, accuracy on the eval split, the target's budgets) and benchm
 recovery ladder; remote targets run on their box; the unpruned baseline is timed beside (``bench.baseline``).
 
 The report's ``calibration`` and ``artifacts[]`` (one row per target/precision, see
-:func:`edgeprune.artifact_check.summarize`). ``edgeprune compile`` builds artifacts with
+:func:`edgeprune.stages.check.summarize`). ``edgeprune compile`` builds artifacts with
 :func:`compile_artifact`, the same call the stage makes for each one.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifact_check import check_artifact, compile_artifact, compile_target, summarize
+from .check import check_artifact, compile_artifact, compile_target, summarize
 from ..config import Precision, TargetConfig
 from ..context import Inputs, RunContext
 from ..export import compare_outputs, torch_logits
@@ -42,7 +42,7 @@ def run(ctx: RunContext, inp: CompileInput) -> list[dict[str, Any]]:
                 artifacts.append(compile_and_check(ctx, inp.inputs, inp.model, inp.onnx_path, target, precision))
         ctx.report["artifacts"] = artifacts
     if ctx.cfg.bench.baseline:  # the unpruned model, same targets and harness: the speed-up
-        from ..baseline import add_baselines
+        from .baseline import add_baselines
 
         add_baselines(ctx, inp.inputs, artifacts)
     return artifacts
@@ -54,7 +54,7 @@ def compile_and_check(ctx: RunContext, inp: Inputs, model: torch.nn.Module, onnx
     (:mod:`edgeprune.int8_ladder`) when its accuracy gate fails."""
     if precision != Precision.int8:
         return check_artifact(ctx, inp, model, compile_target(ctx, inp, onnx_path, target, precision), target)
-    from ..ladder_stage import climb_int8
+    from .ladder import climb_int8
 
     return climb_int8(ctx, inp, model, onnx_path, target)
 

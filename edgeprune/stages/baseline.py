@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import Precision, TargetConfig
-from .errors import EdgePruneError
+from ..config import Precision, TargetConfig
+from ..errors import EdgePruneError
 
 if TYPE_CHECKING:
-    from .backends.base import CompiledArtifact
-    from .context import Inputs, RunContext
+    from ..backends.base import CompiledArtifact
+    from ..context import Inputs, RunContext
 
 log = logging.getLogger("edgeprune")
 LATENCY_KEYS = ("p50", "p90", "p95", "p99", "min", "max", "mean")
@@ -53,7 +53,7 @@ def add_baselines(run: "RunContext", inp: "Inputs", rows: list[dict[str, Any]]) 
 
 def export_baseline(run: "RunContext", inp: "Inputs") -> Path:
     """The unpruned model as ONNX, with the run's export settings (``baseline/model.onnx``)."""
-    from .export import export_onnx
+    from ..export import export_onnx
 
     path = run.dir / "baseline" / "model.onnx"
     if not path.exists():
@@ -64,8 +64,8 @@ def export_baseline(run: "RunContext", inp: "Inputs") -> Path:
 
 
 def add_baseline(run: "RunContext", inp: "Inputs", row: dict[str, Any], target: TargetConfig, onnx_path: Path) -> None:
-    from .backends.base import CompiledArtifact
-    from .bench import bench_interleaved, speedup
+    from ..backends.base import CompiledArtifact
+    from ..bench import bench_interleaved, speedup
 
     base = compile_baseline(run, inp, onnx_path, target, Precision(row["precision"]))
     pruned = CompiledArtifact.load(run.dir / Path(row["path"]).parent)
@@ -90,7 +90,7 @@ def compile_baseline(run: "RunContext", inp: "Inputs", onnx_path: Path, target: 
                      precision: Precision) -> "CompiledArtifact":
     """Compile the unpruned ONNX for ``target`` at ``precision`` into ``baseline/<target>/<precision>``,
     with the same target settings and calibration images as the pruned artifact."""
-    from .artifact_check import compile_target
+    from .check import compile_target
 
     return compile_target(run, inp, onnx_path, target, precision,
                           out_dir=run.dir / "baseline" / target.name / precision.value)
@@ -98,6 +98,6 @@ def compile_baseline(run: "RunContext", inp: "Inputs", onnx_path: Path, target: 
 
 def baseline_accuracy(artifact: "CompiledArtifact", inp: "Inputs", target: TargetConfig, eval_batch: int) -> float:
     """Top-1 of the compiled baseline on the run's eval split (the split the pruned artifact is checked on)."""
-    from .artifact_check import eval_logits
+    from .check import eval_logits
 
     return float(np.mean(eval_logits(artifact, inp, target, eval_batch).argmax(1) == inp.eval.labels.numpy()))

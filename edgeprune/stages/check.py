@@ -1,7 +1,7 @@
 """Compile one target/precision and check the artifact: parity, accuracy, latency, budgets.
 
 The building blocks of the compile stage (:mod:`edgeprune.stages.compile`), also used by the INT8
-ladder (:mod:`edgeprune.ladder_stage`) and the baseline (:mod:`edgeprune.baseline`). ``ctx`` is the
+ladder (:mod:`.ladder`) and the baseline (:mod:`.baseline`). ``ctx`` is the
 stage's :class:`edgeprune.context.RunContext`.
 """
 from __future__ import annotations
@@ -13,18 +13,18 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
-from .config import Precision, TargetConfig
-from .export import compare_outputs, run_batched, torch_logits
+from ..config import Precision, TargetConfig
+from ..export import compare_outputs, run_batched, torch_logits
 
 if TYPE_CHECKING:
-    from .backends.base import CompiledArtifact
-    from .context import Inputs, RunContext
+    from ..backends.base import CompiledArtifact
+    from ..context import Inputs, RunContext
 
 
 def compile_artifact(onnx_path: Path, out_dir: Path, target: TargetConfig, precision: Precision,
                      calibration: Optional[np.ndarray]) -> "CompiledArtifact":
     """One artifact of ``onnx_path`` for ``target`` at ``precision`` in ``out_dir`` (``meta.compile_seconds``)."""
-    from .backends import get_backend
+    from ..backends import get_backend
 
     backend = get_backend(target.backend.value)
     t0 = time.perf_counter()
@@ -51,7 +51,7 @@ def check_artifact(run: "RunContext", inp: "Inputs", model: torch.nn.Module, art
                    target: TargetConfig, evaluated: Optional[tuple[dict, float]] = None) -> dict:
     """Parity with the pruned FP32 PyTorch model, accuracy on the eval split, latency, gates.
     ``evaluated`` (parity, accuracy) skips the evaluation when the caller already ran it."""
-    from .bench import bench_artifact
+    from ..bench import bench_artifact
 
     parity, accuracy = evaluated or evaluate_artifact(run, inp, model, artifact, target)
     bench = bench_artifact(artifact, target=target, cfg=run.cfg.bench, progress=run.progress)
@@ -60,7 +60,7 @@ def check_artifact(run: "RunContext", inp: "Inputs", model: torch.nn.Module, art
 
 def eval_logits(artifact: "CompiledArtifact", inp: "Inputs", target: TargetConfig, eval_batch: int) -> np.ndarray:
     """(N, K) logits of the compiled artifact on the run's eval split."""
-    from .backends import get_backend
+    from ..backends import get_backend
 
     runner = get_backend(artifact.backend).load(artifact, target=target)
     return run_batched(runner, inp.eval.images.numpy(), artifact_batch(target, eval_batch))

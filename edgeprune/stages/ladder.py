@@ -18,20 +18,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .artifact_check import accuracy_ok, artifact_batch, check_artifact, compile_target, evaluate_artifact
-from .config import Precision, TargetConfig
-from .export import run_batched, torch_logits
-from .int8_ladder import SENSITIVITY_IMAGES, Attempt, Int8Ladder, Rung, climb, logit_error
+from .check import accuracy_ok, artifact_batch, check_artifact, compile_target, evaluate_artifact
+from ..config import Precision, TargetConfig
+from ..export import run_batched, torch_logits
+from ..int8_ladder import SENSITIVITY_IMAGES, Attempt, Int8Ladder, Rung, climb, logit_error
 
 if TYPE_CHECKING:
-    from .backends.base import CompiledArtifact
-    from .context import Inputs, RunContext
+    from ..backends.base import CompiledArtifact
+    from ..context import Inputs, RunContext
 
 log = logging.getLogger("edgeprune")
 
 
 def climb_int8(run: "RunContext", inp: "Inputs", model: torch.nn.Module, onnx_path: Path, target: TargetConfig) -> dict:
-    from .backends import get_backend
+    from ..backends import get_backend
 
     backend = get_backend(target.backend.value)
     home = run.dir / "artifacts" / target.name / Precision.int8.value
@@ -92,7 +92,7 @@ def _error_probe(run: "RunContext", inp: "Inputs", model: torch.nn.Module, onnx_
                  tmp: Path):
     """``error_of(options)``: compile INT8 with those overrides into ``tmp`` and return the relative logit
     error against the FP32 model on the first calibration images (the sensitivity pass's measure)."""
-    from .backends import get_backend
+    from ..backends import get_backend
 
     images = inp.calibration.data.images[:SENSITIVITY_IMAGES]
     reference = torch_logits(model, images)  # (N, K)
@@ -110,7 +110,7 @@ def _error_probe(run: "RunContext", inp: "Inputs", model: torch.nn.Module, onnx_
 
 
 def _p50(run: "RunContext", artifact: "CompiledArtifact", target: TargetConfig) -> float:
-    from .bench import bench_artifact
+    from ..bench import bench_artifact
 
     bench = bench_artifact(artifact, target=target, cfg=run.cfg.bench, progress=run.progress)
     return round(bench["results"][0]["p50"], 4)
