@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..context import RunContext
 
 
 def run_latency_prune(*, config: Optional[Path], target: str, budget_ms: Optional[float], weights: Optional[Path],
@@ -43,7 +46,7 @@ def run_latency_prune(*, config: Optional[Path], target: str, budget_ms: Optiona
     return out
 
 
-def _model_and_scores(ctx):
+def _model_and_scores(ctx: "RunContext") -> tuple:
     """The unpruned model and its channel scores (None when the criterion reads only the weights)."""
     from ..data import load_calibration
     from ..models import load_model

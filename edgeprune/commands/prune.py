@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..context import RunContext
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -70,7 +75,8 @@ def run_prune(*, config: Optional[Path], overrides: dict, out: Path, ignore: lis
     cfg = load_pipeline_config(config, overrides)
     check_writable(out, "output folder")
     model = load_model(cfg.model, cfg.model.in_channels or cfg.data.preprocessing.channels)
-    ctx = RunContext(cfg, resolve_targets(cfg.targets), out, device=torch_device(cfg.device), progress=progress)
+    targets = resolve_targets(cfg.targets) if cfg.prune.round_to is None else []  # they set the channel multiple
+    ctx = RunContext(cfg, targets, out, device=torch_device(cfg.device), progress=progress)
     calib, scores = _calibration_and_scores(ctx, model)
     result = prune_stage.run(ctx, prune_stage.PruneInput(model, torch.zeros(1, *cfg.data.preprocessing.shape), scores,
                                                          calibration=calib, ignore=tuple(ignore), out_dir=out)).result
@@ -81,7 +87,7 @@ def run_prune(*, config: Optional[Path], overrides: dict, out: Path, ignore: lis
     return out
 
 
-def _calibration_and_scores(ctx, model):
+def _calibration_and_scores(ctx: "RunContext", model: "torch.nn.Module") -> tuple:
     """(calibration images, channel scores) for the criterion: both None when it reads only the weights."""
     from ..data import load_calibration
     from ..scoring import needs_data, needs_gradients
