@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .config import PipelineConfig, TargetConfig, dump_yaml
 from .context import Inputs, Run, load_inputs, round_to_for, torch_device
-from .errors import EdgePruneError, GateError
+from .errors import ConfigError, EdgePruneError, GateError
 from .guard import at_stage
 from .preflight import preflight
 from .report_model import AccuracySection, DataSection, RunSection
@@ -79,9 +79,11 @@ def stage_prune(run: Run, inp: Inputs, scores: ChannelScores, device: str) -> to
 def stage_latency_prune(run: Run, inp: Inputs, scores: ChannelScores, device: str,
                         target: TargetConfig) -> torch.nn.Module:
     """Latency-driven pruning of ``inp.teacher`` for ``target`` (its ``latency_budget_ms``)."""
+    if target.latency_budget_ms is None:
+        raise ConfigError(f"target {target.name!r} has no latency_budget_ms to prune to")
     ctx = run.context(device)
     step = latency_stage.LatencyInput(inp.teacher, inp.calibration.data.images[:1], target,
-                                      float(target.latency_budget_ms or 0), scores, train=inp.train, eval=inp.eval)
+                                      float(target.latency_budget_ms), scores, train=inp.train, eval=inp.eval)
     return _once(run, "prune", lambda: latency_stage.run(ctx, step).model, lambda: _load_pruned(run))
 
 
