@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D
-from .config import FinetuneConfig
+from .config import FinetuneConfig, Optimizer, Schedule, choices
 from .data import TensorData
 from .errors import ConfigError, DataError
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = choices(Optimizer)
+SCHEDULES = choices(Schedule)
 CKPT_NAME = "last.pt"
 CKPT_VERSION = 1
 
@@ -107,7 +107,7 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimiz
 def fingerprint(model: nn.Module, cfg: FinetuneConfig, *, n_train: int, n_val: int, world_size: int) -> str:
     """Hash of the architecture's tensor shapes, the config and the data sizes."""
     shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
-    payload = {"shapes": shapes, "cfg": cfg.model_dump(mode="json", exclude={"workers"}),
+    payload = {"shapes": shapes, "cfg": cfg.model_dump(mode="json"),
                "n_train": n_train, "n_val": n_val, "world_size": world_size, "version": CKPT_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -262,7 +262,7 @@ def stage_export(run: Run, inp: Inputs, model: torch.nn.Module) -> Path:
     export_onnx(model, inp.eval.images[:1], path, opset=ec.opset, dynamic_batch=ec.dynamic_batch,
                 exporter=ec.exporter)
     held_out = inp.eval.images[: ec.parity_images]
-    parity = onnx_parity(path, model, held_out, max_rel_diff=ec.max_abs_diff,
+    parity = onnx_parity(path, model, held_out, max_rel_diff=ec.max_rel_diff,
                          min_top1_agreement=ec.min_top1_agreement)
     run.report["export"] = {"path": "model.onnx", "opset": ec.opset, "exporter": ec.exporter,
                             "size_bytes": path.stat().st_size, "parity": parity.to_dict()}

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 import torch.nn.functional as F
 from torch import nn
 
@@ -49,8 +50,12 @@ def test_lr_schedule_warmup_then_decay() -> None:
 @pytest.mark.parametrize("field,value,valid", [("optimizer", "adam", "sgd, adamw"),
                                                ("schedule", "linear", "cosine, step, constant")])
 def test_bad_choice_names_valid_values(field, value, valid, tiny_model, tiny_data, tmp_path) -> None:
+    with pytest.raises(ValidationError) as exc:
+        _cfg(**{field: value})  # the config refuses it when built
+    assert field in str(exc.value) and all(f"'{v}'" in str(exc.value) for v in valid.split(", "))
+    unchecked = _cfg().model_copy(update={field: value})  # and finetune() still refuses one that skipped it
     with pytest.raises(ConfigError, match=valid):
-        finetune(tiny_model, None, tiny_data, tiny_data, _cfg(**{field: value}), ckpt_dir=tmp_path, progress=False)
+        finetune(tiny_model, None, tiny_data, tiny_data, unchecked, ckpt_dir=tmp_path, progress=False)
 
 
 def test_evaluate_top1(tiny_data) -> None:

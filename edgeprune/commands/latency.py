@@ -14,7 +14,7 @@ def run_latency_prune(*, config: Optional[Path], target: str, budget_ms: Optiona
                       arch: Optional[str], criterion: Optional[str], confirm_every: int, cache_dir: Optional[Path],
                       out: Path, threads: Optional[int], lut_points: int, lut_holdout: int, overrides: list[str],
                       progress: bool = True) -> Path:
-    from ..config import resolve_targets
+    from ..config import resolve_targets, set_fields
     from ..latency import latency_prune
     from ..prune import save_pruned
     from .run import build_config
@@ -27,7 +27,10 @@ def run_latency_prune(*, config: Optional[Path], target: str, budget_ms: Optiona
     tgt = resolve_targets([target])[0]
     if threads:
         tgt = tgt.model_copy(update={"threads": threads})
-    budget = budget_ms or tgt.latency_budget_ms
+    if budget_ms is not None:
+        tgt = tgt.model_copy()
+        set_fields(tgt, {"latency_budget_ms": budget_ms}, "--budget-ms")
+    budget = tgt.latency_budget_ms
     if budget is None:
         raise ConfigError(f"no latency budget: pass --budget-ms or set latency_budget_ms in target {tgt.name!r}")
     model, scores = _model_and_scores(cfg, progress)

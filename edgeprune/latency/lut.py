@@ -185,6 +185,7 @@ def build_lut(model: nn.Module, example: torch.Tensor, *, groups: Sequence[Group
 
     if cost_model not in COST_MODELS:
         raise ConfigError(f"unknown latency table cost_model {cost_model!r}; valid: {', '.join(COST_MODELS)}")
+    key = {**key, "table_format": TABLE_FORMAT}  # a table written by an older layout is re-measured
     if cost_model != "additive":
         key = {**key, "cost_model": cost_model, "fit_configs": fit_configs}
     cached = load_cached(cache_dir, key)
