@@ -148,7 +148,7 @@ def test_inspect_lists_groups_skips_and_removable(tiny_model) -> None:
     from edgeprune.inspect_model import inspect_model
 
     report = inspect_model(tiny_model, torch.randn(1, 1, 16, 16))
-    roots = {g.root: g for g in report.groups}
+    roots = {g.name: g for g in report.groups}
     assert report.skipped["fc"] == "classifier head"
     residual = next(g for g in report.groups if "res1.3" in g.members)
     assert "stem.0" in residual.members and residual.prunable
