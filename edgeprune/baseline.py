@@ -35,7 +35,7 @@ def add_baselines(run: "Run", inp: "Inputs", rows: list[dict[str, Any]]) -> None
     targets = {t.name: t for t in run.targets}
     onnx_path = None
     for row in rows:
-        target = targets.get(row.get("target"))
+        target = targets.get(str(row.get("target")))
         if target is None or target.host is not None or not row.get("latency_ms"):
             if target is not None and target.host is not None:
                 run.report.setdefault("warnings", []).append(

@@ -94,7 +94,8 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)  # no decay on BN and biases
@@ -427,5 +428,6 @@ def prune_finetune_rounds(model: nn.Module, teacher: Optional[nn.Module], train:
         history += [{**h, "round": r} for h in res.history]
         seconds += res.seconds
         model = res.model
+    assert res is not None  # rounds >= 1 was checked above
     return FinetuneResult(res.model, res.best_val_acc, cfg.epochs * (rounds - 1) / rounds + res.epochs_run,
                           seconds, history, res.resumed_from)

@@ -28,6 +28,7 @@ TRACE_TIMEOUT_S = 60.0  # default budget for tracing + dependency-graph build (p
 TP_PRIVATE: dict[str, tuple[str, ...]] = {
     "torch_pruning.pruner.BasePruner": ("_is_atten_group", "_get_channel_groups", "_round_to"),
     "torch_pruning.DependencyGraph": ("_param_to_name",),
+    "torch_pruning.dependency.node.Node": ("_name",),  # the module name scoring/adapters.py matches scores by
 }
 
 
@@ -54,7 +55,11 @@ def min_keep(full: int, *, round_to: Optional[int], max_layer_ratio: float, curr
 
 
 def out_channels(module: nn.Module) -> int:
-    return int(module.out_features if isinstance(module, nn.Linear) else module.out_channels)
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    raise PruneError(f"{type(module).__name__} is not a conv or linear layer; it has no output channels to prune")
 
 
 # ----------------------------------------------------------------------------- errors from inside torch-pruning
@@ -62,7 +67,7 @@ def out_channels(module: nn.Module) -> int:
 
 def _producers(node: Any, names: dict[int, str], limit: int = 3) -> list[str]:
     """The nearest model layers that feed a torch-pruning op node (breadth-first up its inputs)."""
-    seen, queue, out = set(), list(getattr(node, "inputs", [])), []
+    seen, queue, out = set(), list(getattr(node, "inputs", [])), []  # type: tuple[set[int], list[Any], list[str]]
     while queue and len(out) < limit:
         n = queue.pop(0)
         if id(n) in seen:

@@ -377,7 +377,7 @@ def _search(model: nn.Module, x: torch.Tensor, importance: Any, target: _Target,
             else:
                 hi = point
             if hi is not None and lo[0] in trials and hi[0] - lo[0] < _MIN_BRACKET:
-                return _mix(model, x, importance, target, s, trials.get(lo[0]), trials[hi[0]], progress)
+                return _mix(model, x, importance, target, s, trials[lo[0]], trials[hi[0]], progress)
             ratio = _next_ratio(target, lo, hi, r_max)
     if hi is not None and lo[0] in trials:
         return _mix(model, x, importance, target, s, trials[lo[0]], trials[hi[0]], progress)
@@ -455,7 +455,8 @@ def _skip_reasons(model: nn.Module, x: torch.Tensor, ignored: dict[str, str],
     return reasons
 
 
-def _score_summary(scores: Optional[dict[str, torch.Tensor]], name: str) -> tuple[Optional[float], ...]:
+def _score_summary(scores: Optional[dict[str, torch.Tensor]],
+                   name: str) -> tuple[Optional[float], Optional[float], Optional[float]]:
     if not scores or name not in scores:
         return (None, None, None)
     s = torch.as_tensor(scores[name]).detach().float().flatten()
@@ -563,6 +564,8 @@ def _prune_to(model: nn.Module, x: torch.Tensor, importance: Any, ratio: Optiona
               target: Optional[_Target], s: _Settings, progress: bool) -> tuple[_Trial, Optional[_Target]]:
     if ratio is not None:
         return _trial(model, x, importance, ratio, s), None
+    if target is None:
+        raise PruneError("nothing asked: give ratio, target_macs_reduction or target_params_reduction")
     best = _search(model, x, importance, target, s, progress)
     if not target.met(best):
         best = _refine(model, x, importance, target, s, best)
@@ -612,7 +615,7 @@ def prune_rescoring(model: nn.Module, example_inputs: torch.Tensor, importance: 
         kw: dict[str, Any] = {"target_macs_reduction": None, "target_params_reduction": None, "ratio": None}
         if ratio is not None:
             kw["ratio"] = 1.0 - (1.0 - ratio) ** (1.0 / steps)
-        else:
+        elif target is not None:  # _check_args: a ratio or a target is given
             now = count_macs_params(current, example_inputs)[0 if target.metric == "macs" else 1]
             reached = target.base / max(now, 1)
             want = _step_share(target.reduction, j, steps) / reached  # reduction still to reach from `current`
@@ -627,6 +630,8 @@ def prune_rescoring(model: nn.Module, example_inputs: torch.Tensor, importance: 
         current = res.model
         records.append({"step": j, "ratio": res.ratio, "macs": res.macs_after, "params": res.params_after,
                         "rescored": j > 1})
+    if res is None:
+        raise PruneError(f"iterative_steps must be >= 1, got {steps}")
     plan = channel_plan(current)
     ignored = resolve_ignored(model, example_inputs, ignore)
     ignored.update(unprunable_layers(model, example_inputs, ignored, trace_timeout_s))
@@ -732,14 +737,19 @@ def _restore_attrs(modules: dict[str, nn.Module], attrs: dict[str, dict[str, Any
 
 def _resize_tensors(modules: dict[str, nn.Module], shapes: dict[str, list[int]]) -> None:
     """Replace every parameter and buffer whose saved shape differs by an empty one of that shape."""
+    def resized(name: str, key: str, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        full = f"{name}.{key}" if name else key
+        if t is None or full not in shapes or list(t.shape) == shapes[full]:
+            return None
+        return torch.empty(shapes[full], dtype=t.dtype)
+
     for name, module in modules.items():
-        for store in (module._parameters, module._buffers):
-            for key, t in store.items():
-                full = f"{name}.{key}" if name else key
-                if t is None or full not in shapes or list(t.shape) == shapes[full]:
-                    continue
-                new = torch.empty(shapes[full], dtype=t.dtype)
-                store[key] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        for key, p in list(module._parameters.items()):
+            if (new := resized(name, key, p)) is not None and p is not None:
+                module._parameters[key] = nn.Parameter(new, requires_grad=p.requires_grad)
+        for key, b in list(module._buffers.items()):
+            if (new := resized(name, key, b)) is not None:
+                module._buffers[key] = new
 
 
 def rebuild_to_shapes(model: nn.Module, shapes: dict[str, list[int]], attrs: dict[str, dict[str, Any]]) -> nn.Module:
@@ -767,7 +777,7 @@ def load_pruned(out_dir: Path) -> nn.Module:
     else:
         apply_plan(model, torch.zeros(1, *meta["input_shape"]), meta["plan"])
     state = OrderedDict(load_file(str(Path(out_dir) / WEIGHTS_FILE)))
-    state._metadata = getattr(model.state_dict(), "_metadata", None)  # per-module versions (MNASNet checks them)
+    setattr(state, "_metadata", getattr(model.state_dict(), "_metadata", None))  # per-module versions (MNASNet)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         from ..trust import trust
 
         trust(*trust_code)
-        direct = {"name": name, "model.weights": str(weights) if weights else None, "model.arch": arch,
+        direct: dict[str, Any] = {"name": name, "model.weights": str(weights) if weights else None, "model.arch": arch,
                   "model.trust_pickle": True if trust_pickle else None, "fail_on_gate": fail_on_gate}
         if target:
             direct["targets"] = list(target)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..config import TargetConfig
+from ..errors import ConfigError
 
 
 def stage_latency_prune(run: Any, inp: Any, scores: Any, device: str, target: TargetConfig) -> torch.nn.Module:
@@ -23,6 +24,8 @@ def stage_latency_prune(run: Any, inp: Any, scores: Any, device: str, target: Ta
         return load_pruned(out_dir)
     pc = run.cfg.prune
     example = inp.calibration.data.images[:1]
+    if target.latency_budget_ms is None:
+        raise ConfigError(f"target {target.name!r} has no latency_budget_ms to prune to")
     res = latency_prune(inp.teacher, example, target=target, budget_ms=float(target.latency_budget_ms),
                         scores=getattr(scores, "scores", scores), criterion=run.cfg.score.criterion,
                         round_to=pc.round_to, max_layer_ratio=pc.max_layer_ratio, ignore=pc.ignore,
