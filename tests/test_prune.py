@@ -97,6 +97,7 @@ def test_iterative_steps_call_before_step(resnet, x) -> None:
     assert res.steps[0]["macs"] > res.steps[-1]["macs"]
 
 
+@pytest.mark.slow
 def test_save_load_fresh_process_identical(resnet, x, tmp_path) -> None:
     res = prune_model(resnet, x, _magnitude(), ratio=0.4, global_ranking=True, progress=False)
     out = save_pruned(res.model, tmp_path / "pruned", arch=ARCH, model_kwargs={}, num_classes=10, in_channels=1,
