@@ -20,6 +20,7 @@ def crop_flip(x: torch.Tensor, pad: int = 2) -> torch.Tensor:
 
 
 AUGMENTATIONS: dict[str, Optional[Callable[[torch.Tensor], torch.Tensor]]] = {"none": None, "crop-flip": crop_flip}
+# config.Augment lists the names a config accepts; tests/test_config.py checks both lists agree
 
 
 def get_augmentation(name: str) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:

@@ -179,10 +179,10 @@ def measure_interleaved(
     for name, fn in fns.items():
         _warm_up(fn, sync=syncs.get(name), runs=warmup_runs, seconds=warmup_s)
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    per_slot = dict(min_runs=-(-min_runs // rounds), min_time_s=min_time_s / rounds,
-                    max_time_s=max_time_s / (rounds * len(fns)))
+    slot_runs, slot_min_s, slot_max_s = -(-min_runs // rounds), min_time_s / rounds, max_time_s / (rounds * len(fns))
     for name in interleaved_order(list(fns), rounds):
-        samples[name] += _timed_runs(fns[name], sync=syncs.get(name), progress=False, clock=clock, **per_slot)
+        samples[name] += _timed_runs(fns[name], sync=syncs.get(name), progress=False, clock=clock,
+                                     min_runs=slot_runs, min_time_s=slot_min_s, max_time_s=slot_max_s)
     return {name: stats_from_samples(s, batch_size=batch_size, scope=scope) for name, s in samples.items()}
 
 
@@ -281,7 +281,7 @@ def batch_sizes(target: "TargetConfig", cfg: "BenchConfig") -> list[int]:
 
 def _backend_name(artifact: Any) -> str:
     name = artifact["backend"] if isinstance(artifact, dict) else artifact.backend
-    return getattr(name, "value", name)
+    return str(getattr(name, "value", name))
 
 
 def _runner_call(runner: Any) -> Callable[[np.ndarray], Any]:
@@ -356,7 +356,7 @@ def _inference_fn(runner: Any, call: Callable[[np.ndarray], Any], x: np.ndarray)
 
         request = compiled.create_infer_request()
         request.set_input_tensor(ov.Tensor(x))
-        fn = _tagged(lambda x=x: request.infer(), "openvino infer request, input tensor pre-set")
+        fn = _tagged(lambda: request.infer(), "openvino infer request, input tensor pre-set")
         fn.request = request  # type: ignore[attr-defined]
         return fn
     sess = getattr(runner, "session", None)
@@ -365,7 +365,7 @@ def _inference_fn(runner: Any, call: Callable[[np.ndarray], Any], x: np.ndarray)
         binding.bind_cpu_input(sess.get_inputs()[0].name, x)
         for out in sess.get_outputs():
             binding.bind_output(out.name)
-        fn = _tagged(lambda x=x: sess.run_with_iobinding(binding), "onnxruntime session, I/O binding pre-set")
+        fn = _tagged(lambda: sess.run_with_iobinding(binding), "onnxruntime session, I/O binding pre-set")
         fn.binding = binding  # type: ignore[attr-defined]
         return fn
     return _tagged(lambda: call(x), "runner call")

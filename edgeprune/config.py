@@ -6,7 +6,9 @@ key, a wrong type or an invalid value fails with the field, the value and what i
 from __future__ import annotations
 
 import enum
+import re
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -17,7 +19,6 @@ from .errors import ConfigError, UnknownNameError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGETS_DIR = REPO_ROOT / "targets"
-PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def _single_component(v: str) -> str:
@@ -53,12 +54,15 @@ def _is_number_type(annotation: Any) -> bool:
 
 class Strict(BaseModel):
     # numbers must be finite (``inf`` is no MACs target) and never booleans (YAML reads yes/no as true/false)
-    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True, allow_inf_nan=False)
+    # validate_assignment: a value set after loading (a CLI option such as --latency-budget-ms) is checked too
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True, allow_inf_nan=False,
+                              validate_assignment=True)
 
     @field_validator("*", mode="before")
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and _is_number_type(cls.model_fields[info.field_name].annotation):
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _is_number_type(field.annotation):
             raise ValueError(f"a number is needed, got {value!r} (YAML reads yes/no/on/off/true/false as booleans)")
         return value
 
@@ -117,8 +121,20 @@ class DataConfig(Strict):
 DEFAULT_CRITERION = "sae-mi+l1"
 
 
+def _criterion_names() -> Optional[list[str]]:
+    """The registered criteria, or None where the scoring stack (torch) is not installed (the box never scores)."""
+    try:
+        from .scoring import CRITERIA
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] in ("torch", "torchvision", "torch_pruning"):
+            return None
+        raise
+    return CRITERIA.names()
+
+
 class ScoreConfig(Strict):
-    criterion: str = Field(DEFAULT_CRITERION, description="see benchmarks/results/pruning_screen.md for why")
+    criterion: str = Field(DEFAULT_CRITERION, description="a registered criterion (`edgeprune criteria`); "
+                           "see benchmarks/results/pruning_screen.md for the default")
     num_images: int = Field(512, ge=8)
     levels: int = Field(8, ge=2, le=256, description="gray levels G")
     radius: int = Field(1, ge=1, le=8, description="Chebyshev neighbourhood radius r")
@@ -132,6 +148,14 @@ class ScoreConfig(Strict):
     redundancy_lambda: float = Field(0.5, ge=0.0, description="weight of the redundancy in greedy selection")
     redundancy: Literal["max", "mean"] = Field("max", description="redundancy with the picked channels: max | mean")
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("criterion")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        names = _criterion_names()
+        if names is not None and v not in names:
+            raise ValueError(f"unknown criterion {v!r}; valid: {', '.join(names)}")
+        return v
 
     def options(self) -> dict[str, Any]:
         """The keyword options of :func:`edgeprune.scoring.score_model` set by this section."""
@@ -161,34 +185,56 @@ class PruneConfig(Strict):
                                              "dependency-graph build; past it the run stops (null: no limit)")
 
 
+Optimizer = Literal["sgd", "adamw"]
+Schedule = Literal["cosine", "step", "constant"]
+Augment = Literal["none", "crop-flip"]
+Exporter = Literal["torchscript", "dynamo"]
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values of a ``Literal[...]`` choice type (``choices(Optimizer)`` -> ``("sgd", "adamw")``)."""
+    return typing.get_args(literal)
+
+
 class FinetuneConfig(Strict):
     epochs: float = Field(3.0, ge=0.0)
     lr: float = Field(0.02, gt=0.0)
-    optimizer: str = Field("sgd", description="sgd | adamw")
-    schedule: str = Field("cosine", description="cosine | step | constant")
+    optimizer: Optimizer = "sgd"
+    schedule: Schedule = "cosine"
     warmup_epochs: float = Field(0.1, ge=0.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     kd_alpha: float = Field(0.7, ge=0.0, le=1.0, description="weight of the distillation loss")
     kd_temperature: float = Field(4.0, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    augment: str = Field("none", description="none | crop-flip (random 2-pixel shift + horizontal flip)")
+    augment: Augment = Field("none", description="crop-flip: random 2-pixel shift + horizontal flip")
     grad_clip: Optional[float] = Field(5.0, gt=0.0)
     batch_size: int = Field(128, ge=1)
     patience: Optional[int] = Field(None, ge=1, description="early stop after N evaluations without gain")
     evals_per_epoch: int = Field(1, ge=1)
     amp: bool = Field(True, description="mixed precision on CUDA only")
     seed: int = 0
-    workers: int = Field(0, ge=0)
 
 
 class ExportConfig(Strict):
-    exporter: str = Field("torchscript", description="torchscript (legacy, fast) | dynamo (torch.export, opset >= 18)")
+    exporter: Exporter = Field("torchscript", description="torchscript (legacy, fast) | dynamo (torch.export, opset >= 18)")
     opset: int = Field(17, ge=11, le=21)
     dynamic_batch: bool = True
     parity_images: int = Field(256, ge=1)
-    max_abs_diff: float = Field(1e-3, gt=0.0, description="relative to the output scale")
+    max_rel_diff: float = Field(1e-3, gt=0.0, description="max |ONNX - torch| over max |torch output| (relative)")
     min_top1_agreement: float = Field(0.995, ge=0.0, le=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        # export.max_abs_diff was always compared with the diff relative to the output scale
+        if isinstance(data, dict) and "max_abs_diff" in data:
+            if "max_rel_diff" in data:
+                raise ValueError("give export.max_rel_diff only (export.max_abs_diff is its old name)")
+            warnings.warn("export.max_abs_diff is deprecated: it is a relative tolerance, now export.max_rel_diff",
+                          FutureWarning, stacklevel=2)
+            data = {("max_rel_diff" if k == "max_abs_diff" else k): v for k, v in data.items()}
+        return data
 
 
 class BenchConfig(Strict):
@@ -270,12 +316,19 @@ class PipelineConfig(Strict):
     bench: BenchConfig = Field(default_factory=BenchConfig)
     targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime", "intel-cpu-openvino"])
     fail_on_gate: bool = True
-    device: str = Field("auto", description="torch device for scoring and fine-tuning: auto | cpu | cuda")
+    device: str = Field("auto", description="torch device for scoring and fine-tuning: auto | cpu | cuda[:N]")
 
     @field_validator("name")
     @classmethod
     def _one_component(cls, v: str) -> str:
         return _single_component(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device {v!r} is not valid; valid: auto, cpu, cuda, cuda:N")
+        return v
 
 
 # ----------------------------------------------------------------------------- loading
@@ -291,7 +344,7 @@ def _format_validation_error(err: ValidationError, source: str, model: type[Base
             valid = ", ".join(sorted(parent.model_fields)) if parent else "?"
             lines.append(f"  - unknown key {loc!r} (value {value!r}); valid keys here: {valid}")
         else:
-            lines.append(f"  - {loc}: {e['msg']} (got {value!r})")
+            lines.append(f"  - {loc}: {e['msg'].removeprefix('Value error, ')} (got {value!r})")
     return "\n".join(lines)
 
 
@@ -349,6 +402,15 @@ def load_pipeline_config(path: Optional[Path] = None, overrides: Optional[dict[s
                 raise ConfigError(f"cannot set {dotted!r}: {p!r} is not a mapping")
         cur[leaf] = value
     return parse(PipelineConfig, data, str(path) if path else "<defaults>")
+
+
+def set_fields(model: Strict, values: dict[str, Any], source: str) -> None:
+    """Assign ``values`` onto ``model`` (a CLI option set after loading), validated like a config file."""
+    for key, value in values.items():
+        try:
+            setattr(model, key, value)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error(exc, source, type(model))) from None
 
 
 def target_paths(targets_dir: Path = TARGETS_DIR) -> dict[str, Path]:

@@ -14,7 +14,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, overload
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ def pil_to_tensor(img, pre: Preprocessing) -> torch.Tensor:
         raise DataError(f"channels={pre.channels} is not supported for images; valid: 1, 3, 4")
     img = img.convert(mode)
     if img.size != (pre.width, pre.height):
-        img = img.resize((pre.width, pre.height), Image.BILINEAR)
+        img = img.resize((pre.width, pre.height), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -235,6 +235,15 @@ def load_image_folder(root: Path, pre: Preprocessing, limit: Optional[int] = Non
 
 
 # ----------------------------------------------------------------------------- entry points
+
+
+@overload
+def _resolve(p: Path) -> Path: ...
+
+
+@overload
+def _resolve(p: Optional[Path]) -> Optional[Path]: ...
+
 
 
 def _resolve(p: Optional[Path]) -> Optional[Path]:

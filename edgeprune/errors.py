@@ -5,6 +5,8 @@ it into a one-paragraph message and a non-zero exit code (``exit_code``), never 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 
 class EdgePruneError(Exception):
     """Base class. ``exit_code`` is what the CLI exits with."""
@@ -39,6 +41,8 @@ class DataError(EdgePruneError):
 
 class PruneError(EdgePruneError):
     """The model cannot be pruned as asked."""
+
+    group_root: Optional[str] = None  # set when torch-pruning failed on one coupled group: its root layer
 
 
 class ExportError(EdgePruneError):

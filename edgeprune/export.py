@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from .backends.base import run_batched  # noqa: F401 - re-exported: torch-free home for the box
+from .config import Exporter, choices
 from .errors import ExportError
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = choices(Exporter)
 
 
 @dataclass

@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D
-from .config import FinetuneConfig
+from .config import FinetuneConfig, Optimizer, Schedule, choices
 from .data import TensorData
 from .errors import ConfigError, DataError
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = choices(Optimizer)
+SCHEDULES = choices(Schedule)
 CKPT_NAME = "last.pt"
 CKPT_VERSION = 1
 
@@ -94,7 +94,8 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)  # no decay on BN and biases
@@ -107,7 +108,7 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimiz
 def fingerprint(model: nn.Module, cfg: FinetuneConfig, *, n_train: int, n_val: int, world_size: int) -> str:
     """Hash of the architecture's tensor shapes, the config and the data sizes."""
     shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
-    payload = {"shapes": shapes, "cfg": cfg.model_dump(mode="json", exclude={"workers"}),
+    payload = {"shapes": shapes, "cfg": cfg.model_dump(mode="json"),
                "n_train": n_train, "n_val": n_val, "world_size": world_size, "version": CKPT_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -427,5 +428,6 @@ def prune_finetune_rounds(model: nn.Module, teacher: Optional[nn.Module], train:
         history += [{**h, "round": r} for h in res.history]
         seconds += res.seconds
         model = res.model
+    assert res is not None  # rounds >= 1 was checked above
     return FinetuneResult(res.model, res.best_val_acc, cfg.epochs * (rounds - 1) / rounds + res.epochs_run,
                           seconds, history, res.resumed_from)

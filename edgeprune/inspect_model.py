@@ -6,24 +6,15 @@ and the MACs/params a prune at ``max_layer_ratio`` would remove at most.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .errors import PruneError
-from .prune import _PRUNABLE, TRACE_TIMEOUT_S, build_graph, count_macs_params, resolve_ignored, unprunable_layers
-
-
-@dataclass
-class GroupInfo:
-    root: str
-    channels: int
-    members: list[str]  # layers whose output channels are removed together
-    consumers: list[str]  # layers whose input channels follow
-    prunable: bool
-    reason: Optional[str] = None  # why not, when not prunable
+from .graph import PRUNABLE, TRACE_TIMEOUT_S, Graph, GroupInfo, build_graph
+from .prune import count_macs_params, resolve_ignored, unprunable_layers
 
 
 @dataclass
@@ -59,7 +50,7 @@ class InspectReport:
         lines.append(f"{len(self.groups)} coupled groups ({sum(g.prunable for g in self.groups)} prunable):")
         for g in self.groups:
             state = "prunable" if g.prunable else f"skipped: {g.reason}"
-            lines.append(f"  {g.root} [{g.channels} ch] {state}; out: {', '.join(g.members)}"
+            lines.append(f"  {g.name} [{g.channels} ch] {state}; out: {', '.join(g.members)}"
                          + (f"; in: {', '.join(g.consumers)}" if g.consumers else ""))
         for name, why in self.skipped.items():
             lines.append(f"  skip {name}: {why}")
@@ -68,37 +59,23 @@ class InspectReport:
         return "\n".join(lines)
 
 
-def _groups(dg, model: nn.Module, ignored: dict[str, str], boundaries: dict[str, str]) -> list[GroupInfo]:
-    names = {m: n for n, m in model.named_modules()}
+def _groups(graph: Graph, ignored: dict[str, str], boundaries: dict[str, str]) -> list[GroupInfo]:
     out = []
-    skip = [model.get_submodule(n) for n in boundaries]  # torch-pruning would break building their groups
-    for group in dg.get_all_groups(ignored_layers=skip, root_module_types=list(_PRUNABLE)):
-        root = group[0].dep.target.module
-        members, consumers = [], []
-        for dep, _ in group:
-            n = names.get(dep.target.module)
-            if n is None:
-                continue
-            if dg.is_out_channel_pruning_fn(dep.handler):
-                members.append(n)
-            elif isinstance(dep.target.module, _PRUNABLE):
-                consumers.append(n)
-        blockers = [n for n in members if n in ignored]
-        reason = f"contains {blockers[0]} ({ignored[blockers[0]]})" if blockers else None
-        out.append(GroupInfo(names[root], dg.get_out_channels(root), list(dict.fromkeys(members)),
-                             list(dict.fromkeys(consumers)), not blockers, reason))
+    for g in graph.groups(ignored=list(boundaries)):  # torch-pruning would break building their groups
+        blockers = [n for n in g.members if n in ignored]
+        out.append(replace(g, prunable=not blockers,
+                           reason=f"contains {blockers[0]} ({ignored[blockers[0]]})" if blockers else None))
     return out
 
 
-def _skipped(dg, model: nn.Module, groups: list[GroupInfo], ignored: dict[str, str]) -> dict[str, str]:
+def _skipped(graph: Graph, groups: list[GroupInfo], ignored: dict[str, str]) -> dict[str, str]:
     skipped = dict(ignored)
     for g in groups:
         for n in g.members:
-            if not g.prunable and n not in skipped:
+            if not g.prunable and g.reason and n not in skipped:
                 skipped[n] = f"coupled with {g.reason.removeprefix('contains ')}"
-    for n, m in model.named_modules():
-        if isinstance(m, _PRUNABLE) and m not in dg.module2node:
-            skipped.setdefault(n, "not reached by tracing (never runs in forward)")
+    for n in graph.untraced():
+        skipped.setdefault(n, "not reached by tracing (never runs in forward)")
     return skipped
 
 
@@ -128,16 +105,16 @@ def inspect_model(model: nn.Module, example_inputs: torch.Tensor, *, ignore: tup
                            max_layer_ratio=max_layer_ratio)
     ignored = resolve_ignored(model, example_inputs, ignore)
     try:
-        dg = build_graph(model, example_inputs, timeout_s=trace_timeout_s)
+        graph = build_graph(model, example_inputs, timeout_s=trace_timeout_s)
         boundaries = unprunable_layers(model, example_inputs, ignored, trace_timeout_s)
     except PruneError as exc:  # untraceable, or past the time budget
         report.trace_error = str(exc)
-        report.skipped = {n: "model cannot be traced" for n, m in model.named_modules() if isinstance(m, _PRUNABLE)}
+        report.skipped = {n: "model cannot be traced" for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
         return report
     ignored.update(boundaries)
-    report.groups = _groups(dg, model, ignored, boundaries)
-    report.skipped = _skipped(dg, model, report.groups, ignored)
-    report.unwrapped = [dg._param_to_name.get(p.parameters, "?") for p in dg.unwrapped_parameters]
+    report.groups = _groups(graph, ignored, boundaries)
+    report.skipped = _skipped(graph, report.groups, ignored)
+    report.unwrapped = graph.unwrapped()
     report.min_macs, report.min_params, report.prune_error = _dry_run(model, example_inputs, max_layer_ratio,
                                                                        tuple(ignore), trace_timeout_s)
     return report

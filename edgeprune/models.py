@@ -20,7 +20,7 @@ import pickle
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -128,8 +128,9 @@ def _adapt_in_channels(model: nn.Module, in_channels: int) -> nn.Module:
         if isinstance(mod, nn.Conv2d):
             if mod.in_channels == in_channels:
                 return model
-            new = nn.Conv2d(in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                            mod.dilation, 1, mod.bias is not None)
+            # torch's stubs type Conv2d's kernel_size/stride/padding/dilation as tuple[int, ...] (from _ConvNd)
+            new = nn.Conv2d(in_channels, mod.out_channels, mod.kernel_size, mod.stride,  # type: ignore[arg-type]
+                            mod.padding, mod.dilation, 1, mod.bias is not None)  # type: ignore[arg-type]
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
             setattr(parent, name.rpartition(".")[2], new)
             return model
@@ -139,6 +140,7 @@ def _adapt_in_channels(model: nn.Module, in_channels: int) -> nn.Module:
 def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
     factory = resolve_factory(cfg.arch)
     kwargs: dict[str, Any] = dict(cfg.kwargs)
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -227,20 +229,19 @@ def weights_for(cfg: ModelConfig) -> Optional[Path]:
 def load_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
     """The model in eval mode, with its weights when ``cfg.weights`` is set."""
     cfg = cfg.model_copy(update={"weights": weights_for(cfg)})
-    if cfg.weights is not None:
-        sd = read_state_dict(cfg.weights, trust_pickle=cfg.trust_pickle)
-        if isinstance(sd, nn.Module):
-            return sd.eval()
+    loaded = read_state_dict(cfg.weights, trust_pickle=cfg.trust_pickle) if cfg.weights is not None else None
+    if isinstance(loaded, nn.Module):
+        return loaded.eval()
     model = build_model(cfg, in_channels)
-    if cfg.weights is not None:
-        sd = OrderedDict((k.removeprefix("module."), v) for k, v in sd.items())
-        sd._metadata = getattr(model.state_dict(), "_metadata", None)  # per-module versions (MNASNet checks them)
+    if loaded is not None:
+        sd = OrderedDict((k.removeprefix("module."), v) for k, v in loaded.items())
+        setattr(sd, "_metadata", getattr(model.state_dict(), "_metadata", None))  # per-module versions (MNASNet)
         try:
             missing, unexpected = model.load_state_dict(sd, strict=False)
             problem = (f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
         except RuntimeError as exc:  # shape mismatches
-            missing, unexpected, problem = [None], [], str(exc).split("\n\t")[1:4]
+            missing, unexpected, problem = ["?"], [], "; ".join(str(exc).split("\n\t")[1:4])
         if missing or unexpected:
             raise ModelLoadError(f"weights {cfg.weights} do not fit {cfg.arch}: {problem}",
                                  hint="check model.arch, model.num_classes and model.kwargs")

@@ -26,19 +26,19 @@ import torch
 from torch import nn
 
 from .errors import EdgePruneError, ModelLoadError, PruneError
+from .graph import (PRUNABLE, TRACE_TIMEOUT_S, build_graph, failing_root, min_keep, out_channels, pruner_class,
+                    tp_error)
 from .safety import atomic_write
-from .watchdog import StageTimeout, time_budget
+from .watchdog import time_budget
 
 PRUNED_JSON = "pruned.json"
 WEIGHTS_FILE = "model.safetensors"
 PRUNED_FORMAT = 2  # 2: + every state-dict shape and each module's structural attributes (exact rebuild)
-_PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _MAX_TRIALS = 8
 _MAX_REFINE_LAYERS = 24  # local width search only where a move costs 2 x layers trials
 _MAX_REFINE_MOVES = 8
 _MIN_BRACKET = 0.02  # below this ratio width, rounding jumps dominate: mix the two ends per layer
 _MAX_BOUNDARIES = 4  # groups torch-pruning breaks on that are turned into unprunable boundaries, then retried
-TRACE_TIMEOUT_S = 60.0  # default budget for tracing + dependency-graph build (prune.trace_timeout_s)
 
 
 # ----------------------------------------------------------------------------- results
@@ -119,13 +119,9 @@ def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[i
     return int(macs), int(params)
 
 
-def out_channels(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-
 def channel_plan(model: nn.Module) -> dict[str, int]:
     """Module name -> out channels, for every conv and linear layer."""
-    return {name: out_channels(m) for name, m in model.named_modules() if isinstance(m, _PRUNABLE)}
+    return {name: out_channels(m) for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
 
 
 def find_head(model: nn.Module, example_inputs: torch.Tensor) -> str:
@@ -137,7 +133,7 @@ def forward_order(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
     """Names of the conv/linear layers in the order they first run."""
     order: list[str] = []
     hooks = [m.register_forward_hook(lambda *_a, _n=n: order.append(_n))
-             for n, m in model.named_modules() if isinstance(m, _PRUNABLE)]
+             for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
     try:
         _forward(model, example_inputs, "the unpruned model")
     finally:
@@ -167,7 +163,7 @@ def resolve_ignored(model: nn.Module, example_inputs: torch.Tensor, ignore: Sequ
     modules = dict(model.named_modules())
     unknown = [n for n in ignore if n not in modules]
     if unknown:
-        names = [n for n, m in modules.items() if isinstance(m, _PRUNABLE)]
+        names = [n for n, m in modules.items() if isinstance(m, PRUNABLE)]
         raise PruneError(f"ignore names not in the model: {unknown}",
                          hint=f"conv/linear names include: {', '.join(names[:12])}{'...' if len(names) > 12 else ''}")
     reasons = {n: "ignored (user)" for n in ignore}
@@ -175,181 +171,22 @@ def resolve_ignored(model: nn.Module, example_inputs: torch.Tensor, ignore: Sequ
     return reasons
 
 
-def _split_feeders(dg: Any, names: dict[int, str]) -> dict[str, str]:
-    """Conv/linear layers whose channels reach a split/chunk/unbind: fixed sizes there, so left alone."""
-    import torch_pruning as tp
-
-    split_types = (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND)
-    out: dict[str, str] = {}
-    for node in list(dg.module2node.values()):
-        if node.type not in split_types:
-            continue
-        seen, queue = set(), list(node.inputs)
-        while queue:
-            n = queue.pop(0)
-            if id(n) in seen:
-                continue
-            seen.add(id(n))
-            name = names.get(id(n.module))
-            if name and isinstance(n.module, _PRUNABLE):
-                out.setdefault(name, f"feeds a fixed-size split ({node.name})")
-            else:
-                queue.extend(n.inputs)
-    return out
-
-
-def _unmappable_roots(dg: Any, names: dict[int, str], skip: set, per_root_s: Optional[float]) -> dict[str, str]:
-    """Layers whose coupled group torch-pruning cannot map (it raises while building it): unprunable boundaries."""
-    out: dict[str, str] = {}
-    visited: set = set()
-    for module in list(dg.module2node):
-        name = names.get(id(module))
-        if not name or name in skip or module in visited or not isinstance(module, _PRUNABLE):
-            continue
-        pruner = dg.get_pruner_of_module(module)
-        if pruner is None or pruner.get_out_channels(module) is None:
-            continue
-        try:
-            with time_budget(per_root_s, f"mapping the group of {name}"):
-                group = dg.get_pruning_group(module, pruner.prune_out_channels,
-                                             list(range(pruner.get_out_channels(module))))
-        except StageTimeout:
-            out[name] = f"torch-pruning does not finish mapping its group within {per_root_s:g} s"
-            continue
-        except Exception as exc:  # noqa: BLE001 - any torch-pruning failure makes it a boundary
-            out[name] = f"torch-pruning cannot map its channels ({type(exc).__name__})"
-            continue
-        visited.update(dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler))
-    return out
-
-
 def unprunable_layers(model: nn.Module, x: torch.Tensor, ignored: dict[str, str],
                       timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> dict[str, str]:
     """Layers left alone because torch-pruning would break on them: those feeding a fixed-size split, and
     those whose coupled group it cannot map (unknown ops become boundaries instead of crashes)."""
-    dg = build_graph(model, x, timeout_s=timeout_s)
-    names = {id(m): n for n, m in model.named_modules() if n}
-    out = {k: v for k, v in _split_feeders(dg, names).items() if k not in ignored}
+    graph = build_graph(model, x, timeout_s=timeout_s)
+    out = {k: v for k, v in graph.split_feeders().items() if k not in ignored}
     stage = f"checking which coupled groups of {type(model).__name__} torch-pruning can map"
     with time_budget(timeout_s, stage):
         per_root = None if not timeout_s else max(5.0, timeout_s / 6)
-        out.update(_unmappable_roots(dg, names, set(ignored) | set(out), per_root))
+        out.update(graph.unmappable_roots(set(ignored) | set(out), per_root))
     return out
 
 
 def _modules_by_name(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     mods = dict(model.named_modules())
     return [mods[n] for n in names]
-
-
-# ----------------------------------------------------------------------------- torch-pruning errors
-
-
-def _producers(node: Any, names: dict[int, str], limit: int = 3) -> list[str]:
-    """The nearest model layers that feed a torch-pruning op node (breadth-first up its inputs)."""
-    seen, queue, out = set(), list(getattr(node, "inputs", [])), []
-    while queue and len(out) < limit:
-        n = queue.pop(0)
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        name = names.get(id(getattr(n, "module", None)))
-        if name:
-            out.append(name)
-        else:
-            queue.extend(getattr(n, "inputs", []))
-    return out
-
-
-def _frame_culprit(values: list, names: dict[int, str]) -> tuple[Optional[str], Optional[str], list[str]]:
-    """(layer, op, layers feeding op) among one frame's locals: torch-pruning Nodes, Dependencies, modules."""
-    layer = op = None
-    feeds: list[str] = []
-    for value in values:
-        target = getattr(value, "target", None)
-        for cand in (value, target):
-            module = getattr(cand, "module", cand)
-            if not isinstance(module, nn.Module):
-                continue
-            if names.get(id(module)):
-                layer = layer or names[id(module)]
-            elif op is None and hasattr(cand, "inputs"):  # an op node (reshape, split, cat, ...) of the graph
-                op = str(getattr(cand, "name", None) or type(module).__name__)
-                feeds = _producers(cand, names)
-    return layer, op, feeds
-
-
-def culprit(exc: BaseException, model: nn.Module) -> tuple[Optional[str], Optional[str], list[str]]:
-    """Where torch-pruning was when it raised: (layer, op, layers feeding op) from the innermost frame that
-    holds one of ``model``'s modules or one of its graph's op nodes."""
-    names = {id(m): n for n, m in model.named_modules() if n}
-    found: tuple[Optional[str], Optional[str], list[str]] = (None, None, [])
-    tb = exc.__traceback__
-    while tb is not None:
-        hit = _frame_culprit(list(tb.tb_frame.f_locals.values()), names)
-        if hit[0] or hit[1]:
-            found = hit
-        tb = tb.tb_next
-    return found
-
-
-def tp_error(exc: BaseException, model: nn.Module, stage: str) -> PruneError:
-    """A PruneError for an exception from inside torch-pruning: the stage, the op/layer if known, and what to do."""
-    layer, op, feeds = culprit(exc, model)
-    where = ""
-    if op:
-        where = f" at operation {op}" + (f" (fed by {', '.join(feeds)})" if feeds else "")
-    elif layer:
-        where = f" at layer {layer} ({type(model.get_submodule(layer)).__name__})"
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    if stage == "tracing":  # the graph itself cannot be built: --ignore does not reach this far
-        hint = ("unsupported op: torch-pruning cannot build the dependency graph through it, so this model "
-                "cannot be pruned as is; replace that construct in the model, or report it upstream "
-                "(docs/upstream-torch-pruning.md)")
-    else:
-        culprits = feeds if op else ([layer] if layer else [])
-        todo = [f"leave it alone with {' '.join('--ignore ' + n for n in culprits)}"] if culprits else []
-        todo += ["prune less (a smaller ratio or target)",
-                 "if the operation is unsupported by torch-pruning, --ignore the layers that feed it "
-                 "(`edgeprune inspect` lists groups and layers)"]
-        hint = "; or ".join(todo)
-    return PruneError(f"torch-pruning cannot handle {type(model).__name__} (while {stage}){where}: "
-                      f"{type(exc).__name__}: {first}", hint=hint)
-
-
-def _failing_root(exc: BaseException, model: nn.Module) -> Optional[str]:
-    """The root layer of the torch-pruning Group being built or pruned when ``exc`` was raised."""
-    from torch_pruning.dependency.group import Group
-
-    names = {id(m): n for n, m in model.named_modules() if n}
-    root, tb = None, exc.__traceback__
-    while tb is not None:
-        for value in list(tb.tb_frame.f_locals.values()):
-            if isinstance(value, Group) and len(value) > 0:
-                root = names.get(id(value[0].dep.target.module), root)
-        tb = tb.tb_next
-    return root
-
-
-def build_graph(model: nn.Module, x: torch.Tensor, *, timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> Any:
-    """torch-pruning's DependencyGraph of ``model`` on ``x``, within a time budget; failures as PruneError."""
-    import torch_pruning as tp
-
-    frozen = [p for p in model.parameters() if not p.requires_grad]  # torch-pruning traces autograd
-    stage = f"tracing {type(model).__name__} and building its dependency graph"
-    with warnings.catch_warnings(), torch.enable_grad(), time_budget(timeout_s, stage):
-        warnings.simplefilter("ignore")
-        try:
-            for p in frozen:
-                p.requires_grad_(True)
-            return tp.DependencyGraph().build_dependency(model, example_inputs=x)
-        except EdgePruneError:
-            raise
-        except Exception as exc:  # torch-pruning raises plain exceptions on graphs it cannot map
-            raise tp_error(exc, model, "tracing") from exc
-        finally:
-            for p in frozen:
-                p.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- importance
@@ -405,37 +242,6 @@ class _Trial:
     steps: list[dict] = field(default_factory=list)
 
 
-def _pruner_class() -> type:
-    """``BasePruner`` whose channel rounding also holds for grouped convs.
-
-    torch-pruning 1.6.1 rounds the number of pruned channels *per channel group* against the
-    layer's *total* width, then repeats it for every group, so a grouped conv loses far more than
-    asked (e.g. 1 channel asked -> half the layer). Here the remaining width per group is rounded
-    so that the total stays a multiple of ``round_to``. The group's channel-group count is taken
-    from ``_is_atten_group``, which torch-pruning calls on each group just before rounding.
-    """
-    import torch_pruning as tp
-
-    class _GroupAwarePruner(tp.pruner.BasePruner):
-        _ch_groups = 1
-
-        def _is_atten_group(self, group):  # noqa: ANN001 - torch-pruning's signature
-            self._ch_groups = self._get_channel_groups(group)
-            return super()._is_atten_group(group)
-
-        def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
-            g = max(1, self._ch_groups)
-            if g == 1:
-                return super()._round_to(n_pruned, current_channels, round_to)
-            per_group = current_channels // g
-            step = round_to // math.gcd(round_to, g)
-            remaining = per_group - n_pruned
-            remaining -= remaining % step
-            return max(per_group - remaining, 0)
-
-    return _GroupAwarePruner
-
-
 def _build_pruner(model: nn.Module, x: torch.Tensor, importance: Any, ratio: float, s: _Settings,
                   layer_ratios: Optional[dict[str, float]] = None) -> Any:
     ratio_dict = None
@@ -446,7 +252,7 @@ def _build_pruner(model: nn.Module, x: torch.Tensor, importance: Any, ratio: flo
     with warnings.catch_warnings(), time_budget(s.trace_timeout_s, stage):
         warnings.simplefilter("ignore")  # unwrapped-parameter notices; inspect reports them
         try:
-            return _pruner_class()(
+            return pruner_class()(
                 model, x, importance=_normalized(importance, s.global_normalize) if s.global_ranking else importance,
                 global_pruning=s.global_ranking, pruning_ratio=ratio, pruning_ratio_dict=ratio_dict,
                 max_pruning_ratio=s.max_layer_ratio,
@@ -459,13 +265,6 @@ def _build_pruner(model: nn.Module, x: torch.Tensor, importance: Any, ratio: flo
             raise tp_error(exc, model, "tracing") from exc
 
 
-def _min_keep(init: int, current: int, s: _Settings) -> int:
-    keep = math.ceil(init * (1.0 - s.max_layer_ratio) - 1e-9)
-    if s.round_to:
-        keep = math.ceil(keep / s.round_to) * s.round_to
-    return max(1, min(keep, current))
-
-
 def _cap_group(pruner: Any, group: Any, s: _Settings) -> Optional[Any]:
     """Enforce ``max_layer_ratio`` on the root layer of a group (global ranking can exceed it)."""
     dg = pruner.DG
@@ -475,11 +274,11 @@ def _cap_group(pruner: Any, group: Any, s: _Settings) -> Optional[Any]:
     if init is None or not dg.is_out_channel_pruning_fn(fn):
         return group
     current = dg.get_out_channels(module)
-    allowed = current - _min_keep(init, current, s)
+    allowed = current - min_keep(init, round_to=s.round_to, max_layer_ratio=s.max_layer_ratio, current=current)
     idxs = list(root.idxs)
     if len(idxs) <= allowed:
         return group
-    if allowed <= 0 or pruner._get_channel_groups(group) > 1:
+    if allowed <= 0 or pruner.channel_groups(group) > 1:
         return None
     full = dg.get_pruning_group(module, fn, list(range(current)))
     imp = pruner.estimate_importance(full)
@@ -513,7 +312,7 @@ def _trial(model: nn.Module, x: torch.Tensor, importance: Any, ratio: float, s: 
         raise
     except Exception as exc:  # an index or shape error inside torch-pruning while removing channels
         err = tp_error(exc, pruned, f"pruning at ratio {ratio:.3f}")
-        err.group_root = _failing_root(exc, pruned)
+        err.group_root = failing_root(exc, pruned)
         raise err from exc
     _forward(pruned, x, f"the model pruned at ratio {ratio:.3f}")
     return _Trial(pruned, ratio, steps[-1]["macs"], steps[-1]["params"], steps)
@@ -578,7 +377,7 @@ def _search(model: nn.Module, x: torch.Tensor, importance: Any, target: _Target,
             else:
                 hi = point
             if hi is not None and lo[0] in trials and hi[0] - lo[0] < _MIN_BRACKET:
-                return _mix(model, x, importance, target, s, trials.get(lo[0]), trials[hi[0]], progress)
+                return _mix(model, x, importance, target, s, trials[lo[0]], trials[hi[0]], progress)
             ratio = _next_ratio(target, lo, hi, r_max)
     if hi is not None and lo[0] in trials:
         return _mix(model, x, importance, target, s, trials[lo[0]], trials[hi[0]], progress)
@@ -618,7 +417,7 @@ def _refine(model: nn.Module, x: torch.Tensor, importance: Any, target: _Target,
         moved = None
         for name in names:
             for keep in (plan[name] - step, plan[name] + step):
-                if not _min_keep(init[name], init[name], s) <= keep <= init[name]:
+                if not min_keep(init[name], round_to=s.round_to, max_layer_ratio=s.max_layer_ratio) <= keep <= init[name]:
                     continue
                 widths = {n: plan[n] for n in names} | {name: keep}
                 try:
@@ -644,23 +443,20 @@ def _refine(model: nn.Module, x: torch.Tensor, importance: Any, target: _Target,
 def _skip_reasons(model: nn.Module, x: torch.Tensor, ignored: dict[str, str],
                   trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> dict[str, str]:
     """Why each conv/linear that cannot change is left alone: ignored, coupled to an ignored layer, untraced."""
-    dg = build_graph(model, x, timeout_s=trace_timeout_s)
-    names = {m: n for n, m in model.named_modules()}
+    graph = build_graph(model, x, timeout_s=trace_timeout_s)
     reasons = dict(ignored)
-    for n, m in model.named_modules():
-        if isinstance(m, _PRUNABLE) and m not in dg.module2node:
-            reasons.setdefault(n, "not reached by tracing")
-    for group in dg.get_all_groups(ignored_layers=[], root_module_types=list(_PRUNABLE)):
-        members = [names[d.target.module] for d, _ in group
-                   if dg.is_out_channel_pruning_fn(d.handler) and d.target.module in names]
-        blockers = [n for n in members if n in ignored]
-        for n in members:
+    for n in graph.untraced():
+        reasons.setdefault(n, "not reached by tracing")
+    for group in graph.groups():
+        blockers = [n for n in group.members if n in ignored]
+        for n in group.members:
             if blockers and n not in ignored:
                 reasons.setdefault(n, f"coupled with {blockers[0]} ({ignored[blockers[0]]})")
     return reasons
 
 
-def _score_summary(scores: Optional[dict[str, torch.Tensor]], name: str) -> tuple[Optional[float], ...]:
+def _score_summary(scores: Optional[dict[str, torch.Tensor]],
+                   name: str) -> tuple[Optional[float], Optional[float], Optional[float]]:
     if not scores or name not in scores:
         return (None, None, None)
     s = torch.as_tensor(scores[name]).detach().float().flatten()
@@ -768,6 +564,8 @@ def _prune_to(model: nn.Module, x: torch.Tensor, importance: Any, ratio: Optiona
               target: Optional[_Target], s: _Settings, progress: bool) -> tuple[_Trial, Optional[_Target]]:
     if ratio is not None:
         return _trial(model, x, importance, ratio, s), None
+    if target is None:
+        raise PruneError("nothing asked: give ratio, target_macs_reduction or target_params_reduction")
     best = _search(model, x, importance, target, s, progress)
     if not target.met(best):
         best = _refine(model, x, importance, target, s, best)
@@ -817,7 +615,7 @@ def prune_rescoring(model: nn.Module, example_inputs: torch.Tensor, importance: 
         kw: dict[str, Any] = {"target_macs_reduction": None, "target_params_reduction": None, "ratio": None}
         if ratio is not None:
             kw["ratio"] = 1.0 - (1.0 - ratio) ** (1.0 / steps)
-        else:
+        elif target is not None:  # _check_args: a ratio or a target is given
             now = count_macs_params(current, example_inputs)[0 if target.metric == "macs" else 1]
             reached = target.base / max(now, 1)
             want = _step_share(target.reduction, j, steps) / reached  # reduction still to reach from `current`
@@ -832,6 +630,8 @@ def prune_rescoring(model: nn.Module, example_inputs: torch.Tensor, importance: 
         current = res.model
         records.append({"step": j, "ratio": res.ratio, "macs": res.macs_after, "params": res.params_after,
                         "rescored": j > 1})
+    if res is None:
+        raise PruneError(f"iterative_steps must be >= 1, got {steps}")
     plan = channel_plan(current)
     ignored = resolve_ignored(model, example_inputs, ignore)
     ignored.update(unprunable_layers(model, example_inputs, ignored, trace_timeout_s))
@@ -895,24 +695,15 @@ def _read_meta(out_dir: Path) -> dict:
 
 def apply_plan(model: nn.Module, example_inputs: torch.Tensor, plan: dict[str, int]) -> nn.Module:
     """Prune ``model`` in place to the out-channel ``plan`` by dropping trailing channels (weights are loaded after)."""
-    import torch_pruning as tp
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    graph = build_graph(model, example_inputs, timeout_s=None)
     modules = dict(model.named_modules())
     for name, want in plan.items():
         if name not in modules:
             raise ModelLoadError(f"plan names {name!r}, which the rebuilt architecture does not have")
-        module = modules[name]
-        have = out_channels(module)
-        if have == want:
-            continue
-        if want > have or module not in dg.module2node:
+        have = out_channels(modules[name])
+        if want > have or (want < have and not graph.traced(modules[name])):
             raise ModelLoadError(f"cannot bring {name} from {have} to {want} channels")
-        pruner = dg.get_pruner_of_module(module)
-        group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(want, have)))
-        group.prune()
+        graph.cut_to(name, want)
     return model
 
 
@@ -946,14 +737,19 @@ def _restore_attrs(modules: dict[str, nn.Module], attrs: dict[str, dict[str, Any
 
 def _resize_tensors(modules: dict[str, nn.Module], shapes: dict[str, list[int]]) -> None:
     """Replace every parameter and buffer whose saved shape differs by an empty one of that shape."""
+    def resized(name: str, key: str, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        full = f"{name}.{key}" if name else key
+        if t is None or full not in shapes or list(t.shape) == shapes[full]:
+            return None
+        return torch.empty(shapes[full], dtype=t.dtype)
+
     for name, module in modules.items():
-        for store in (module._parameters, module._buffers):
-            for key, t in store.items():
-                full = f"{name}.{key}" if name else key
-                if t is None or full not in shapes or list(t.shape) == shapes[full]:
-                    continue
-                new = torch.empty(shapes[full], dtype=t.dtype)
-                store[key] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+        for key, p in list(module._parameters.items()):
+            if (new := resized(name, key, p)) is not None and p is not None:
+                module._parameters[key] = nn.Parameter(new, requires_grad=p.requires_grad)
+        for key, b in list(module._buffers.items()):
+            if (new := resized(name, key, b)) is not None:
+                module._buffers[key] = new
 
 
 def rebuild_to_shapes(model: nn.Module, shapes: dict[str, list[int]], attrs: dict[str, dict[str, Any]]) -> nn.Module:
@@ -981,7 +777,7 @@ def load_pruned(out_dir: Path) -> nn.Module:
     else:
         apply_plan(model, torch.zeros(1, *meta["input_shape"]), meta["plan"])
     state = OrderedDict(load_file(str(Path(out_dir) / WEIGHTS_FILE)))
-    state._metadata = getattr(model.state_dict(), "_metadata", None)  # per-module versions (MNASNet checks them)
+    setattr(state, "_metadata", getattr(model.state_dict(), "_metadata", None))  # per-module versions (MNASNet)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
-from edgeprune.config import PipelineConfig, load_pipeline_config, load_target, resolve_targets
+from edgeprune.config import (Augment, BackendName, Exporter, Optimizer, PipelineConfig, Schedule, choices,
+                              load_pipeline_config, load_target, resolve_targets, set_fields)
 from edgeprune.errors import ConfigError, UnknownNameError
 from edgeprune.registry import Registry
 
@@ -77,3 +79,114 @@ def test_registry_unknown_and_duplicate():
     with pytest.raises(UnknownNameError, match="valid: alpha") as exc:
         reg.get("alpah")
     assert "did you mean 'alpha'" in str(exc.value)
+
+
+BAD_CHOICES = {"score.criterion": ("sae-mj", "sae-mi+l1"), "finetune.optimizer": ("adamm", "adamw"),
+               "prune.normalize": ("meen", "zscore"), "score.quantization": ("minmx", "zero-quantile"),
+               "finetune.augment": ("flip", "crop-flip"), "export.exporter": ("dynamoo", "torchscript")}
+
+
+def test_every_bad_choice_named_with_valid_ones_in_one_message():
+    with pytest.raises(ConfigError) as exc:
+        load_pipeline_config(None, {k: bad for k, (bad, _) in BAD_CHOICES.items()})
+    msg = str(exc.value)
+    for key, (bad, valid) in BAD_CHOICES.items():
+        line = next((x for x in msg.splitlines() if x.strip().startswith(f"- {key}:")), None)
+        assert line is not None, f"{key} not reported in:\n{msg}"
+        assert repr(bad) in line and valid in line, line
+
+
+def test_dry_run_refuses_bad_choices_before_loading_anything():
+    from typer.testing import CliRunner
+
+    from edgeprune.cli import app
+
+    args = ["run", "--dry-run"] + [a for k, (bad, _) in BAD_CHOICES.items() for a in ("--set", f"{k}={bad}")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0 and isinstance(res.exception, ConfigError), res.output
+    assert all(f"{k}:" in str(res.exception) for k in BAD_CHOICES)
+
+
+@pytest.mark.parametrize("budget", ["-1", "0"])
+def test_cli_latency_budget_validated(budget):
+    from typer.testing import CliRunner
+
+    from edgeprune.cli import app
+
+    res = CliRunner().invoke(app, ["run", "--dry-run", "--latency-budget-ms", budget])
+    assert isinstance(res.exception, ConfigError), res.output
+    assert "--latency-budget-ms" in str(res.exception) and "latency_budget_ms" in str(res.exception)
+
+
+def test_assignment_is_validated():
+    cfg = PipelineConfig()
+    with pytest.raises(ValidationError, match="optimizer"):
+        cfg.finetune.optimizer = "adamm"  # type: ignore[assignment]
+    with pytest.raises(ValidationError, match="greater than 1"):
+        cfg.prune.target_macs_reduction = 0.5
+    target = load_target("cpu-onnxruntime")
+    with pytest.raises(ConfigError, match="latency_budget_ms"):
+        set_fields(target, {"latency_budget_ms": -1.0}, "--budget-ms")
+    set_fields(target, {"latency_budget_ms": 2.5}, "--budget-ms")
+    assert target.latency_budget_ms == 2.5
+
+
+def test_choice_lists_match_the_code_that_uses_them():
+    from edgeprune.augment import AUGMENTATIONS
+    from edgeprune.backends import BACKENDS
+    from edgeprune.export import EXPORTERS
+    from edgeprune.finetune import OPTIMIZERS, SCHEDULES
+
+    assert set(AUGMENTATIONS) == set(choices(Augment))
+    assert set(EXPORTERS) == set(choices(Exporter))
+    assert set(OPTIMIZERS) == set(choices(Optimizer)) and set(SCHEDULES) == set(choices(Schedule))
+    assert sorted(b.value for b in BackendName) == BACKENDS.names()
+
+
+def test_every_registered_criterion_is_accepted():
+    from edgeprune.scoring import CRITERIA
+
+    for name in CRITERIA.names():
+        assert load_pipeline_config(None, {"score.criterion": name}).score.criterion == name
+
+
+@pytest.mark.parametrize("device, ok", [("auto", True), ("cpu", True), ("cuda:1", True), ("gpu", False),
+                                        ("cuda:x", False)])
+def test_device_form(device, ok):
+    if ok:
+        assert load_pipeline_config(None, {"device": device}).device == device
+    else:
+        with pytest.raises(ConfigError, match="valid: auto, cpu, cuda, cuda:N"):
+            load_pipeline_config(None, {"device": device})
+
+
+def test_max_abs_diff_is_the_old_name_of_max_rel_diff():
+    with pytest.warns(FutureWarning, match="max_rel_diff"):
+        cfg = load_pipeline_config(None, {"export.max_abs_diff": 0.01})
+    assert cfg.export.max_rel_diff == 0.01
+    with pytest.raises(ConfigError, match="old name"):
+        load_pipeline_config(None, {"export.max_abs_diff": 0.01, "export.max_rel_diff": 0.02})
+
+
+def test_removed_dead_knob_is_refused():
+    with pytest.raises(ConfigError, match="finetune.workers"):
+        load_pipeline_config(None, {"finetune.workers": 2})
+
+
+@pytest.mark.parametrize("overrides, goal", [({}, "prune to 2x MACs"),
+                                              ({"prune.ratio": 0.3}, "fixed channel ratio of 0.3"),
+                                              ({"prune.target_params_reduction": 3}, "prune to 3x params")])
+def test_plan_names_the_prune_goal_that_applies(overrides, goal):
+    from edgeprune.commands.run import plan_text
+
+    cfg = load_pipeline_config(None, overrides)
+    stages = plan_text(cfg, []).splitlines()[-1]
+    assert goal in stages and ("MACs" not in stages) == bool(overrides), stages
+
+
+def test_config_import_stays_torch_free():
+    import subprocess
+    import sys
+
+    code = "import sys, edgeprune.config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -44,6 +44,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_gloo_two_ranks_identical_weights(tmp_path: Path) -> None:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")

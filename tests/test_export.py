@@ -9,7 +9,7 @@ from edgeprune.errors import ExportError
 from edgeprune.export import compare_outputs, export_onnx, onnx_parity, run_batched
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
 def test_export_and_parity(tiny_model, tmp_path, exporter):
     x = torch.randn(20, 1, 16, 16)
     path = export_onnx(tiny_model, x[:1], tmp_path / "m.onnx", exporter=exporter, opset=18)

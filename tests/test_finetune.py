@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 import torch.nn.functional as F
 from torch import nn
 
@@ -49,8 +50,12 @@ def test_lr_schedule_warmup_then_decay() -> None:
 @pytest.mark.parametrize("field,value,valid", [("optimizer", "adam", "sgd, adamw"),
                                                ("schedule", "linear", "cosine, step, constant")])
 def test_bad_choice_names_valid_values(field, value, valid, tiny_model, tiny_data, tmp_path) -> None:
+    with pytest.raises(ValidationError) as exc:
+        _cfg(**{field: value})  # the config refuses it when built
+    assert field in str(exc.value) and all(f"'{v}'" in str(exc.value) for v in valid.split(", "))
+    unchecked = _cfg().model_copy(update={field: value})  # and finetune() still refuses one that skipped it
     with pytest.raises(ConfigError, match=valid):
-        finetune(tiny_model, None, tiny_data, tiny_data, _cfg(**{field: value}), ckpt_dir=tmp_path, progress=False)
+        finetune(tiny_model, None, tiny_data, tiny_data, unchecked, ckpt_dir=tmp_path, progress=False)
 
 
 def test_evaluate_top1(tiny_data) -> None:
@@ -64,6 +69,7 @@ def test_evaluate_top1(tiny_data) -> None:
     assert evaluate(m, tiny_data, batch_size=512) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,schedule", [("sgd", "cosine"), ("adamw", "step")])
 def test_distillation_recovers_accuracy_and_returns_best(optimizer, schedule, tiny_model, tiny_data, tmp_path):
     teacher = tiny_model
@@ -83,6 +89,7 @@ def test_distillation_recovers_accuracy_and_returns_best(optimizer, schedule, ti
     assert all(p.requires_grad for p in teacher.parameters())  # the caller's teacher is left prunable
 
 
+@pytest.mark.slow
 def test_early_stop_after_patience(tiny_model, tiny_data, tmp_path) -> None:
     cfg = _cfg(epochs=5, lr=1e-9, patience=2, warmup_epochs=0)  # no learning: no gain after the first eval
     res = finetune(tiny_model, None, tiny_data, tiny_data, cfg, ckpt_dir=tmp_path, progress=False)
@@ -168,6 +175,7 @@ def test_cli_finetune_missing_pruned_folder(tmp_path) -> None:
                      device="cpu", progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:target not met")
 def test_iterative_prune_finetune_rounds(tiny_model, tiny_data, tmp_path) -> None:
     from edgeprune.finetune import prune_finetune_rounds

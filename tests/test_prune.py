@@ -97,6 +97,7 @@ def test_iterative_steps_call_before_step(resnet, x) -> None:
     assert res.steps[0]["macs"] > res.steps[-1]["macs"]
 
 
+@pytest.mark.slow
 def test_save_load_fresh_process_identical(resnet, x, tmp_path) -> None:
     res = prune_model(resnet, x, _magnitude(), ratio=0.4, global_ranking=True, progress=False)
     out = save_pruned(res.model, tmp_path / "pruned", arch=ARCH, model_kwargs={}, num_classes=10, in_channels=1,
@@ -148,7 +149,7 @@ def test_inspect_lists_groups_skips_and_removable(tiny_model) -> None:
     from edgeprune.inspect_model import inspect_model
 
     report = inspect_model(tiny_model, torch.randn(1, 1, 16, 16))
-    roots = {g.root: g for g in report.groups}
+    roots = {g.name: g for g in report.groups}
     assert report.skipped["fc"] == "classifier head"
     residual = next(g for g in report.groups if "res1.3" in g.members)
     assert "stem.0" in residual.members and residual.prunable

@@ -127,6 +127,7 @@ def tiny_onnx(tmp_path_factory) -> Path:
 QUICK_BENCH = BenchConfig(warmup_runs=2, warmup_s=0.0, min_runs=20, min_time_s=0.05, max_time_s=5.0)
 
 
+@pytest.mark.slow
 def test_round_trip_compiles_benches_and_cleans_up(sshd, tiny_onnx, tmp_path):
     d, port = sshd
     target = _target(_remote(d, port))
@@ -178,6 +179,7 @@ def test_version_mismatch(sshd, tiny_onnx, tmp_path):
     assert not (tmp_path / "loopback-ort").exists()
 
 
+@pytest.mark.slow
 def test_worker_failure_leaves_nothing_running_or_on_disk(sshd, tmp_path):
     d, port = sshd
     bad = tmp_path / "broken.onnx"

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = r'''
@@ -58,6 +59,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     script = tmp_path / "ft.py"
     script.write_text(SCRIPT)

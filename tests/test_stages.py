@@ -64,7 +64,7 @@ def test_cli_export_checks_parity_with_the_configs_tolerance(tmp_path) -> None:
     ok = _invoke("export", folder, "--out", tmp_path / "a.onnx", "--parity-images", "8")
     assert ok.exit_code == 0, ok.output + repr(ok.exception)
     strict = _invoke("export", folder, "--out", tmp_path / "b.onnx", "--parity-images", "8",
-                     "--set", "export.max_abs_diff=1e-30")
+                     "--set", "export.max_rel_diff=1e-30")
     assert strict.exit_code != 0 and "1e-30" in strict.output + str(strict.exception)
 
 

@@ -81,6 +81,7 @@ def _busy(seconds: float) -> None:
         pass
 
 
+@pytest.mark.timing
 def test_time_budget_stops_the_stage_and_clears_the_alarm() -> None:
     start = time.monotonic()
     with pytest.raises(StageTimeout, match="tracing X did not finish within 0.2 s"):
@@ -89,7 +90,7 @@ def test_time_budget_stops_the_stage_and_clears_the_alarm() -> None:
                 _busy(5)
             except Exception:  # noqa: BLE001 - library code that swallows errors cannot swallow the timeout
                 pass
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 4  # stopped: the stage would run 5 s (margin for a loaded machine)
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     with time_budget(0.5, "quick"):
         _busy(0.01)
@@ -192,6 +193,7 @@ def test_cli_unknown_timm_name_is_a_one_line_error(capsys) -> None:
     assert code == 2 and "timm:resnet18" in err and "Traceback" not in err
 
 
+@pytest.mark.timing
 def test_nested_time_budgets_keep_the_outer_deadline() -> None:
     start = time.monotonic()
     with pytest.raises(StageTimeout):
@@ -200,5 +202,5 @@ def test_nested_time_budgets_keep_the_outer_deadline() -> None:
                 _busy(0.01)
             with time_budget(5, "long inner"):
                 _busy(5)
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 4  # stopped: the stage would run 5 s (margin for a loaded machine)
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

@@ -36,9 +36,10 @@ def min_calibration(target: TargetConfig) -> int:
 
 def check_calibration(calibration: Optional[np.ndarray], *, input_dims: list[Optional[int]], target: TargetConfig,
                       precision: Precision) -> np.ndarray:
-    """Refuse a missing, too-small or wrong-shaped set for INT8; return it as float32 (N, C, H, W)."""
+    """Refuse a missing, too-small or wrong-shaped set for INT8; return it as float32 (N, C, H, W).
+    Other precisions use no calibration: an empty (0, C, H, W)-less array comes back, whatever was given."""
     if precision != Precision.int8:
-        return calibration  # unused
+        return np.empty((0,), dtype=np.float32)
     if calibration is None:
         raise DataError(f"INT8 for target {target.name!r} needs a calibration set; none was given",
                         hint="pass calibration images (N, C, H, W), normalized like the model input")

@@ -158,8 +158,8 @@ class OpenVINOBackend(Backend):
         """A static batch unless the target asks for a dynamic one (NPU needs static shapes)."""
         if target.dynamic_batch or dims[0]:
             return [d or -1 for d in dims]
-        shape = [target.batch_size, *dims[1:]]
-        if any(d is None for d in shape):
+        shape = [d for d in (target.batch_size, *dims[1:]) if d is not None]
+        if len(shape) != len(dims):
             raise CompileError(f"input dims {dims} have symbolic sizes other than the batch; export with a fixed H x W")
         model.reshape({model.input(0).get_any_name(): shape})
         return shape

@@ -51,8 +51,9 @@ def _cudart():
 
 def cuda_call(result: Any) -> Any:
     """cuda-python returns ``(error, *values)``: raise on an error, else return the value(s)."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    code = int(getattr(err, "value", err))
+    err, values = (result[0], list(result[1:])) if isinstance(result, tuple) else (result, [])
+    value = getattr(err, "value", err)
+    code = -1 if value is None else int(value)
     if code != 0:
         raise CompileError(f"CUDA runtime call failed: {getattr(err, 'name', err)} (code {code})")
     if not values:
@@ -158,7 +159,9 @@ class EntropyCalibrator:
         trt = _trt()
         buffers = DeviceBuffers(_cudart())
 
-        class _Calibrator(trt.IInt8EntropyCalibrator2):
+        base: Any = trt.IInt8EntropyCalibrator2  # from the lazily imported tensorrt module
+
+        class _Calibrator(base):
             def __init__(self) -> None:
                 super().__init__()
                 self._chunks = list(cal.batches(x, batch))  # each (batch, C, H, W)
@@ -305,7 +308,9 @@ class TensorRTBackend(Backend):
     def _profile_shapes(target: TargetConfig, dims: list[Optional[int]]) -> Optional[dict[str, list[int]]]:
         if dims[0]:
             return None
-        chw = [int(d) for d in dims[1:]]
+        chw = [d for d in dims[1:] if d is not None]
+        if len(chw) != len(dims) - 1:
+            raise CompileError(f"input dims {dims} have symbolic sizes other than the batch; export with a fixed H x W")
         hi = target.max_batch_size if target.dynamic_batch else target.batch_size
         lo = 1 if target.dynamic_batch else target.batch_size
         return {"min": [lo, *chw], "opt": [target.batch_size, *chw], "max": [hi, *chw]}
@@ -351,5 +356,5 @@ class TensorRTBackend(Backend):
             return run_in_batches(infer, x, fixed, max_batch)
 
         run.engine = engine  # type: ignore[attr-defined]
-        run.buffers = buffers  # type: ignore[attr-defined]  - freed with the runner
+        run.buffers = buffers  # type: ignore[attr-defined]  # freed with the runner
         return run

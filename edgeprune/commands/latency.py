@@ -20,7 +20,7 @@ def run_latency_prune(*, config: Optional[Path], target: str, budget_ms: Optiona
     """The pipeline's latency stage for one target: ``OUT/pruned``, ``OUT/latency_search.json`` and the plot."""
     import torch
 
-    from ..config import resolve_targets
+    from ..config import resolve_targets, set_fields
     from ..context import RunContext, torch_device
     from ..safety import atomic_write, check_writable
     from ..stages import latency as latency_stage
@@ -32,7 +32,10 @@ def run_latency_prune(*, config: Optional[Path], target: str, budget_ms: Optiona
     tgt = resolve_targets([target])[0]
     if threads:
         tgt = tgt.model_copy(update={"threads": threads})
-    budget = budget_ms or tgt.latency_budget_ms
+    if budget_ms is not None:
+        tgt = tgt.model_copy()
+        set_fields(tgt, {"latency_budget_ms": budget_ms}, "--budget-ms")
+    budget = tgt.latency_budget_ms
     if budget is None:
         raise ConfigError(f"no latency budget: pass --budget-ms or set latency_budget_ms in target {tgt.name!r}")
     ctx = RunContext(cfg, [tgt], out, device=torch_device(cfg.device), progress=progress)

@@ -23,7 +23,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
         raise ConfigError(f"--input-shape takes C,H,W integers, got {text!r}") from None
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"--input-shape takes three positive integers C,H,W, got {text!r}")
-    return shape  # type: ignore[return-value]
+    return shape[0], shape[1], shape[2]
 
 
 def run_inspect(model_ref: str, *, input_shape: str, num_classes: int, ignore: list[str],

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 import yaml
 
-from ..config import PipelineConfig, dump_yaml, load_pipeline_config, resolve_targets
+from ..config import PipelineConfig, PruneConfig, dump_yaml, load_pipeline_config, resolve_targets, set_fields
 from ..errors import ConfigError
 
 
@@ -36,6 +36,15 @@ def build_config(config: Optional[Path], overrides: list[str], **direct: Any) ->
     return load_pipeline_config(config, values)
 
 
+def prune_goal(p: PruneConfig) -> str:
+    """What the prune stage aims at, in the order prune.py honours them: ratio, params, then MACs."""
+    if p.ratio is not None:
+        return f"prune at a fixed channel ratio of {p.ratio:g}"
+    if p.target_params_reduction is not None:
+        return f"prune to {p.target_params_reduction:g}x params"
+    return f"prune to {p.target_macs_reduction:g}x MACs"
+
+
 def plan_text(cfg: PipelineConfig, targets) -> str:
     lines = [dump_yaml(cfg).rstrip(), "", "targets:"]
     for t in targets:
@@ -45,7 +54,7 @@ def plan_text(cfg: PipelineConfig, targets) -> str:
                      f"latency budget {t.latency_budget_ms or '-'} ms, accuracy drop budget {t.accuracy_drop_budget_pt} pt")
     budgeted = [t for t in targets if t.latency_budget_ms]
     prune = (f"latency-driven prune to {budgeted[0].latency_budget_ms} ms p50 on {budgeted[0].name}"
-             if budgeted else f"prune to {cfg.prune.target_macs_reduction}x MACs")
+             if budgeted else prune_goal(cfg.prune))
     stages = ["load", f"score ({cfg.score.criterion})", prune, "fine-tune", "export", "compile", "check+bench", "report"]
     lines += ["", "stages: " + " -> ".join(stages)]
     return "\n".join(lines)
@@ -75,7 +84,7 @@ def register(app: typer.Typer) -> None:
         from ..trust import trust
 
         trust(*trust_code)
-        direct = {"name": name, "model.weights": str(weights) if weights else None, "model.arch": arch,
+        direct: dict[str, Any] = {"name": name, "model.weights": str(weights) if weights else None, "model.arch": arch,
                   "model.trust_pickle": True if trust_pickle else None, "fail_on_gate": fail_on_gate}
         if target:
             direct["targets"] = list(target)
@@ -83,7 +92,7 @@ def register(app: typer.Typer) -> None:
         targets = resolve_targets(cfg.targets)
         if latency_budget_ms is not None:
             for t in targets:
-                t.latency_budget_ms = latency_budget_ms
+                set_fields(t, {"latency_budget_ms": latency_budget_ms}, f"--latency-budget-ms (target {t.name})")
         if dry_run:
             from ..preflight import preflight
 

@@ -78,19 +78,20 @@ def latency_prune(model: nn.Module, example: torch.Tensor, *, target: TargetConf
     round_to = round_to or target.round_to
     norm = _scores_for(model, scores, criterion)
     groups = prunable_groups(model, example, ignore=ignore)
+    measure_id: dict[str, Any]
     if measure is None:
         settings = measure_settings or MeasureSettings()
         measure, measure_id = compiled_p50(target, example, settings=settings), {"compiled_p50": settings.to_dict()}
     # the first measurement is the unpruned model: with the default timer it becomes the drift reference
         cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
     else:
-        measure_id = {"custom": getattr(measure, "__qualname__", type(measure).__qualname__)}
+        measure_id = {"custom": str(getattr(measure, "__qualname__", None) or type(measure).__qualname__)}
     key = lut_key(model, example, target=target, round_to=round_to, max_layer_ratio=max_layer_ratio,
                   points=lut_points, holdout=lut_holdout, measure_id=measure_id)
     table = build_lut(model, example, groups=groups, measure=measure, key=key, round_to=round_to,
                       max_layer_ratio=max_layer_ratio, points=lut_points, holdout=lut_holdout, cache_dir=cache_dir,
                       progress=progress, cost_model=lut_model, fit_configs=lut_fit)
-    settings = SearchSettings(budget_ms=budget_ms, round_to=round_to, confirm_every=confirm_every,
-                              tolerance=tolerance, max_layer_ratio=max_layer_ratio)
-    return latency_search(model, example, groups=groups, lut=table, scores=norm, measure=measure, settings=settings,
+    search = SearchSettings(budget_ms=budget_ms, round_to=round_to, confirm_every=confirm_every,
+                            tolerance=tolerance, max_layer_ratio=max_layer_ratio)
+    return latency_search(model, example, groups=groups, lut=table, scores=norm, measure=measure, settings=search,
                           between_rounds=between_rounds, criterion=criterion, progress=progress)

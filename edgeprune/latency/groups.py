@@ -6,45 +6,24 @@ Channel scores are kept per conv name and sliced as channels go, so they always 
 """
 from __future__ import annotations
 
-import math
-import warnings
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import PruneError
+from ..graph import Graph, GroupInfo, min_keep, out_channels
 from ..prune import resolve_ignored
+
+__all__ = ["GroupInfo", "ROOT_TYPES", "build_graph", "current_channels", "cut", "group_channel_scores", "min_keep",
+           "next_width", "prunable_groups", "pruning_group"]
 
 ROOT_TYPES = (nn.Conv2d, nn.Linear)
 
 
-@dataclass(frozen=True)
-class GroupInfo:
-    """A prunable group: root module name, its out channels, and every member whose out channels go with it."""
-
-    name: str
-    channels: int
-    members: tuple[str, ...]
-
-
-def build_graph(model: nn.Module, example: torch.Tensor) -> Any:
-    """torch-pruning traces autograd: grad is enabled and every parameter made to require it while it builds."""
-    import torch_pruning as tp
-
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    with warnings.catch_warnings(), torch.enable_grad():
-        warnings.simplefilter("ignore")
-        try:
-            for p in frozen:
-                p.requires_grad_(True)
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example)
-        except Exception as exc:  # torch-pruning raises plain exceptions on untraceable graphs
-            raise PruneError(f"torch-pruning cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
-        finally:
-            for p in frozen:
-                p.requires_grad_(False)
+def build_graph(model: nn.Module, example: torch.Tensor) -> Graph:
+    """The model's :class:`~edgeprune.graph.Graph`, with no time budget (the search rebuilds it on copies)."""
+    return Graph.build(model, example, timeout_s=None)
 
 
 def _is_plain_grouped(module: nn.Module) -> bool:
@@ -54,32 +33,17 @@ def _is_plain_grouped(module: nn.Module) -> bool:
 
 def prunable_groups(model: nn.Module, example: torch.Tensor, *, ignore: Sequence[str] = ()) -> list[GroupInfo]:
     """Every group torch-pruning can cut, the classifier head and ``ignore`` left alone."""
-    modules = dict(model.named_modules())
-    names = {m: n for n, m in modules.items()}
-    ignored = [modules[n] for n in resolve_ignored(model, example, ignore)]
-    dg = build_graph(model, example)
-    out: list[GroupInfo] = []
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
-        root = group[0].dep.target.module
-        members = [d.target.module for d, _ in group if dg.is_out_channel_pruning_fn(d.handler)]
-        if root not in names or any(_is_plain_grouped(m) for m in members):
-            continue
-        out.append(GroupInfo(names[root], int(dg.get_out_channels(root)),
-                             tuple(names[m] for m in members if m in names)))
+    ignored = list(resolve_ignored(model, example, ignore))
+    graph = build_graph(model, example)
+    out = [g for g in graph.groups(ignored=ignored, root_types=ROOT_TYPES)
+           if not any(_is_plain_grouped(graph.module(n)) for n in g.members)]
     if not out:
         raise PruneError(f"{type(model).__name__} has no channel group torch-pruning can cut (head and ignore excluded)")
     return out
 
 
 def current_channels(model: nn.Module, name: str) -> int:
-    m = dict(model.named_modules())[name]
-    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
-
-
-def min_keep(full: int, *, round_to: int, max_layer_ratio: float) -> int:
-    """Fewest channels a group may keep: (1 - max_layer_ratio) of its width, rounded up to round_to."""
-    keep = math.ceil(full * (1.0 - max_layer_ratio) - 1e-9)
-    return max(round_to, math.ceil(keep / round_to) * round_to) if full >= round_to else full
+    return out_channels(model.get_submodule(name))
 
 
 def next_width(channels: int, round_to: int) -> int:
@@ -87,36 +51,34 @@ def next_width(channels: int, round_to: int) -> int:
     return ((channels - 1) // round_to) * round_to
 
 
-def pruning_group(dg: Any, model: nn.Module, name: str, idxs: Sequence[int]) -> Any:
-    module = dict(model.named_modules())[name]
-    pruner = dg.get_pruner_of_module(module)
-    return dg.get_pruning_group(module, pruner.prune_out_channels, list(idxs))
+def pruning_group(dg: Graph, model: nn.Module, name: str, idxs: Sequence[int]) -> Any:
+    """The Group removing output channels ``idxs`` of ``name`` (``dg`` is ``model``'s graph)."""
+    return dg.out_group(name, idxs)
 
 
-def group_channel_scores(group: Any, dg: Any, model: nn.Module, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+def group_channel_scores(group: Any, dg: Graph, model: nn.Module, scores: dict[str, torch.Tensor]) -> torch.Tensor:
     """(C_root,) mean over the group's scored members of their score, on the root's channel indices."""
-    names = {m: n for n, m in model.named_modules()}
     n = len(group[0].idxs)
     total, count = torch.zeros(n), torch.zeros(n)
     for i, (dep, idxs) in enumerate(group):
-        s = scores.get(names.get(dep.target.module, ""))
+        s = scores.get(dg.name(dep.target.module) or "")
         root_idxs = group[i].root_idxs
-        if s is None or not dg.is_out_channel_pruning_fn(dep.handler) or any(r is None for r in root_idxs):
+        if s is None or not dg.removes_out_channels(dep) or any(r is None for r in root_idxs):
             continue
         root = torch.as_tensor(root_idxs, dtype=torch.long)
         total.scatter_add_(0, root, s[torch.as_tensor(idxs, dtype=torch.long)].float())
         count.scatter_add_(0, root, torch.ones(len(idxs)))
     if not bool((count > 0).all()):
-        raise PruneError(f"group {names.get(group[0].dep.target.module)} has channels no score covers")
+        raise PruneError(f"group {dg.name(group[0].dep.target.module)} has channels no score covers")
     return total / count
 
 
 def cut(model: nn.Module, example: torch.Tensor, name: str, k: int,
-        scores: Optional[dict[str, torch.Tensor]] = None, *, dg: Any = None) -> tuple[float, list[int]]:
+        scores: Optional[dict[str, torch.Tensor]] = None, *, dg: Optional[Graph] = None) -> tuple[float, list[int]]:
     """Remove the ``k`` lowest-score channels of group ``name`` in place; slice ``scores`` to match.
 
     Without scores the trailing channels go (for latency measurements, where which ones does not matter).
-    ``dg``: the model's DependencyGraph, reused (it stays valid across prunes); built when not given.
+    ``dg``: the model's :class:`Graph`, reused (it stays valid across prunes); built when not given.
     Returns (sum of the removed channels' scores, removed root indices).
     """
     dg = dg if dg is not None else build_graph(model, example)
@@ -130,16 +92,15 @@ def cut(model: nn.Module, example: torch.Tensor, name: str, k: int,
         idxs, lost = sorted(int(i) for i in order), float(s[order].sum())
     group = pruning_group(dg, model, name, idxs)
     if scores is not None:
-        _slice_scores(group, dg, model, scores)
+        _slice_scores(group, dg, scores)
     group.prune()
     return lost, idxs
 
 
-def _slice_scores(group: Any, dg: Any, model: nn.Module, scores: dict[str, torch.Tensor]) -> None:
-    names = {m: n for n, m in model.named_modules()}
+def _slice_scores(group: Any, dg: Graph, scores: dict[str, torch.Tensor]) -> None:
     for dep, idxs in group:
-        name = names.get(dep.target.module)
-        if name in scores and dg.is_out_channel_pruning_fn(dep.handler):
+        name = dg.name(dep.target.module)
+        if name in scores and dg.removes_out_channels(dep):
             keep = torch.ones(len(scores[name]), dtype=torch.bool)
             keep[torch.as_tensor(list(idxs), dtype=torch.long)] = False
             scores[name] = scores[name][keep]

@@ -185,6 +185,7 @@ def build_lut(model: nn.Module, example: torch.Tensor, *, groups: Sequence[Group
 
     if cost_model not in COST_MODELS:
         raise ConfigError(f"unknown latency table cost_model {cost_model!r}; valid: {', '.join(COST_MODELS)}")
+    key = {**key, "table_format": TABLE_FORMAT}  # a table written by an older layout is re-measured
     if cost_model != "additive":
         key = {**key, "cost_model": cost_model, "fit_configs": fit_configs}
     cached = load_cached(cache_dir, key)
@@ -274,7 +275,7 @@ def _layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[floa
             per_out = y[0].numel()  # one image
             if isinstance(m, nn.Linear):
                 out[name] = (float(per_out * m.in_features), False)
-            else:
+            elif isinstance(m, nn.Conv2d):
                 k = m.weight.shape[2] * m.weight.shape[3]
                 out[name] = (float(per_out * (m.in_channels // m.groups) * k), m.groups == m.in_channels > 1)
         return record
@@ -314,7 +315,7 @@ def fit_macs_model(model: nn.Module, example: torch.Tensor, groups: Sequence[Gro
     layers = layer_costs(model, example, groups)
     buckets = sorted({lay["out"] if lay["out"] in table.full else FIXED for lay in layers})
     skeleton = {"model": "macs", "layers": layers, "buckets": buckets}
-    rows = [({}, table.base_ms)] + [({g: c}, table.base_ms + d) for g, t in table.deltas.items() for c, d in t.items()]
+    rows: list[tuple[dict[str, int], float]] = [({}, table.base_ms)] + [({g: c}, table.base_ms + d) for g, t in table.deltas.items() for c, d in t.items()]
     rows += [(w["plan"], w["measured_ms"]) for w in whole]
     fit = {**skeleton, **_solve(skeleton, table.full, rows)}
     loo = []

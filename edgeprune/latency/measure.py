@@ -147,7 +147,8 @@ def _p50_paired(fn: Callable[[], object], ref: Callable[[], object], s: MeasureS
     """Time ``fn`` and ``ref`` alternately (same load for both); their p50s in ms."""
     for _ in range(s.warmup_runs):
         fn(), ref()
-    a, b = [], []
+    a: list[float] = []
+    b: list[float] = []
     clock, start = time.perf_counter_ns, time.perf_counter()
     while True:
         for f, out in ((fn, a), (ref, b)):

@@ -180,6 +180,9 @@ def score_model(model: nn.Module, data, *, criterion: str = "sae-mi", num_classe
     taps = find_taps(model, data.images[:2].to(device))
     ctx = ScoringContext(model, data.images, labels, k, taps, batch_size, device, levels, radius, quantization,
                          progress, dict(params), cache_mb=cache_mb)
+    if crit.compute is None:
+        raise ConfigError(f"criterion {criterion!r} is registered as an activation criterion without a compute "
+                          "function")
     scores = crit.compute(ctx)
     if selection == "greedy":
         scores = {name: greedy_scores(s, ctx.stats[name].abs_correlation(), lam=redundancy_lambda, mode=redundancy)

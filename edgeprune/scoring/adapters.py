@@ -56,7 +56,7 @@ def normalize_scores(s: torch.Tensor, normalize: str) -> torch.Tensor:
     if normalize == "zscore":
         sd = s.float().std(unbiased=False) if s.numel() > 1 else torch.tensor(0.0)
         return (s - s.mean()) / sd if float(sd) > 0 else torch.zeros_like(s)
-    denom = {"mean": s.mean, "max": s.max, "sum": s.sum}[normalize]()
+    denom = s.mean() if normalize == "mean" else s.max() if normalize == "max" else s.sum()
     return s / denom if float(denom) > 0 else s
 
 
@@ -107,11 +107,12 @@ def make_score_importance(scores: dict[str, torch.Tensor], *, normalize: str = "
             total, count = torch.zeros(n), torch.zeros(n)
             conv_out = _conv_out_fns()
             for i, (dep, idxs) in enumerate(group):
-                s = self.scores.get(_layer_name(dep))
+                name = _layer_name(dep)
+                s = self.scores.get(name) if name is not None else None
                 root_idxs = group[i].root_idxs
-                if s is None or dep.pruning_fn not in conv_out or any(r is None for r in root_idxs):
+                if name is None or s is None or dep.pruning_fn not in conv_out or any(r is None for r in root_idxs):
                     continue
-                _check_length(_layer_name(dep), s, dep.layer)
+                _check_length(name, s, dep.layer)
                 root = torch.as_tensor(root_idxs, dtype=torch.long)
                 total.scatter_add_(0, root, s[torch.as_tensor(idxs, dtype=torch.long)])
                 count.scatter_add_(0, root, torch.ones(len(idxs)))

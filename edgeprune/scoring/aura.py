@@ -41,7 +41,7 @@ class ChannelRange:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W) levels."""
-        if self.lo is not None:
+        if self.lo is not None and self.hi is not None:
             return quantize_uniform(x, self.lo.to(x.device), self.hi.to(x.device), self.levels)
         return quantize(x, self.edges.to(x.device))
 
@@ -141,9 +141,21 @@ class RangeTracker:
         else:
             self._update_hist(x)
 
+    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C,), (C,) lowest and highest value seen in the range pass."""
+        if self.lo is None or self.hi is None:
+            raise ValueError("RangeTracker used before the range pass saw a batch")
+        return self.lo, self.hi
+
+    def _counts(self) -> torch.Tensor:
+        """(C, BINS) the histogram of the second pass."""
+        if self.hist is None:
+            raise ValueError("RangeTracker used before the histogram pass saw a batch")
+        return self.hist
+
     def _log_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(C,), (C,) log of the lowest and highest value the positives' histogram resolves."""
-        top = self.hi.double().clamp_min(1e-30).log()
+        top = self._range()[1].double().clamp_min(1e-30).log()
         return top - LOG_DECADES * math.log(10.0), top
 
     def _update_log_hist(self, x: torch.Tensor) -> None:
@@ -158,7 +170,7 @@ class RangeTracker:
 
     def _positive_quantiles(self, probs: torch.Tensor) -> torch.Tensor:
         """(P,) probabilities -> (C, P) quantiles of the positive values (upper edge of the bin)."""
-        cdf = self.hist.double().cumsum(dim=1)
+        cdf = self._counts().double().cumsum(dim=1)
         cdf = cdf / cdf[:, -1:].clamp_min(1)  # (C, BINS)
         target = probs.to(cdf).expand(cdf.shape[0], -1).contiguous()  # (C, P)
         pos = torch.searchsorted(cdf, target).clamp_max(HIST_BINS - 1)  # (C, P)
@@ -172,7 +184,7 @@ class RangeTracker:
             inner = self._positive_quantiles(torch.arange(1, g1, dtype=torch.float64) / g1)  # (C, G-2)
         elif self.quantization == "zero-log":
             lo = self._positive_quantiles(torch.tensor([self.log_floor / 100.0], dtype=torch.float64))  # (C, 1)
-            top = self.hi.double().clamp_min(1e-30)[:, None]
+            top = self._range()[1].double().clamp_min(1e-30)[:, None]
             ratio = (top / lo).clamp_min(1.0)
             inner = lo * ratio ** (torch.arange(1, g1, dtype=torch.float64) / g1)
         else:
@@ -180,30 +192,32 @@ class RangeTracker:
             inner = hi * (torch.arange(1, g1, dtype=torch.float64) / g1)  # (C, G-2) equal widths over (0, hi]
         first = torch.full((inner.shape[0], 1), _SMALLEST_POSITIVE, dtype=torch.float64)
         edges = torch.cat([first, inner.clamp_min(_SMALLEST_POSITIVE)], dim=1)
-        no_positive = self.hist.sum(dim=1) == 0  # (C,) everything in level 0
+        no_positive = self._counts().sum(dim=1) == 0  # (C,) everything in level 0
         edges[no_positive, 1:] = float("inf")
         return torch.cummax(edges, dim=1).values.float()
 
     def _update_hist(self, x: torch.Tensor) -> None:
         b, c, h, w = x.shape
         flat = x.transpose(0, 1).reshape(c, -1)  # (C, B*H*W)
-        span = (self.hi - self.lo).clamp_min(1e-12)[:, None]
-        bins = ((flat - self.lo[:, None]) / span * HIST_BINS).long().clamp_(0, HIST_BINS - 1)
+        lo, hi = self._range()
+        span = (hi - lo).clamp_min(1e-12)[:, None]
+        bins = ((flat - lo[:, None]) / span * HIST_BINS).long().clamp_(0, HIST_BINS - 1)
         idx = bins + torch.arange(c, device=x.device)[:, None] * HIST_BINS  # (C, B*H*W)
         counts = torch.bincount(idx.flatten(), minlength=c * HIST_BINS).view(c, HIST_BINS)
         self.hist = counts if self.hist is None else self.hist + counts
 
     def _hist_quantiles(self, probs: torch.Tensor) -> torch.Tensor:
         """(P,) probabilities -> (C, P) values read off the cumulative histogram."""
-        cdf = self.hist.double().cumsum(dim=1)
+        cdf = self._counts().double().cumsum(dim=1)
         cdf = cdf / cdf[:, -1:].clamp_min(1)  # (C, BINS)
         target = probs.to(cdf).expand(cdf.shape[0], -1).contiguous()  # (C, P)
         pos = torch.searchsorted(cdf, target).clamp_max(HIST_BINS - 1)  # (C, P)
-        width = (self.hi - self.lo).double()[:, None] / HIST_BINS
-        return (self.lo.double()[:, None] + (pos.double() + 1.0) * width).float()
+        lo, hi = self._range()
+        width = (hi - lo).double()[:, None] / HIST_BINS
+        return (lo.double()[:, None] + (pos.double() + 1.0) * width).float()
 
     def finish(self) -> ChannelRange:
-        if self.lo is None:
+        if self.lo is None or self.hi is None:
             raise ValueError("RangeTracker.finish() called before any batch")
         if self.quantization == "minmax":
             return ChannelRange(uniform_edges(self.lo, self.hi, self.levels), self.lo, self.hi)

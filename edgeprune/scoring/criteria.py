@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..registry import Registry
 from .adapters import rank_scores
 from .aura import (RangeTracker, check_quantization, class_aura_matrices, class_level_histograms, has_neighbours,
@@ -52,8 +52,14 @@ class ScoringContext:
                                            device=self.device, desc=desc, progress=self.progress):
             yield first + start, maps
 
+    def known_labels(self) -> torch.Tensor:
+        """(N,) the labels; a criterion that needs them (``needs_labels``) is only run with them."""
+        if self.labels is None:
+            raise DataError("this criterion needs labels, and the calibration set has none")
+        return self.labels
+
     def batch_labels(self, start: int, size: int) -> torch.Tensor:
-        return self.labels[start: start + size].to(self.device)
+        return self.known_labels()[start: start + size].to(self.device)
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,7 @@ def _kernel_mi(ctx: ScoringContext, feats: dict[str, list[torch.Tensor]], key: s
     out, sigmas = {}, {}
     for name, parts in feats.items():
         x = torch.cat(parts, dim=0)  # (N, C, D)
-        scores, sigmas[name] = kernel_mi_scores(x, ctx.labels.to(x.device), alpha=alpha, sigma_factors=factors)
+        scores, sigmas[name] = kernel_mi_scores(x, ctx.known_labels().to(x.device), alpha=alpha, sigma_factors=factors)
         out[name] = scores.float()
     ctx.info[f"{key}_sigma"] = sigmas
     ctx.info["alpha"] = alpha
@@ -212,7 +218,8 @@ def compute_mi_full(ctx: ScoringContext) -> dict[str, torch.Tensor]:
 def _shuffled(ctx: ScoringContext, seed: int) -> ScoringContext:
     """The same context with the calibration images (and labels) in a fixed random order."""
     perm = torch.randperm(len(ctx.images), generator=torch.Generator().manual_seed(seed))
-    return dataclasses.replace(ctx, images=ctx.images[perm], labels=ctx.labels[perm], info={})
+    return dataclasses.replace(ctx, images=ctx.images[perm], labels=None if ctx.labels is None else ctx.labels[perm],
+                               info={})
 
 
 def compute_mi(ctx: ScoringContext) -> dict[str, torch.Tensor]:

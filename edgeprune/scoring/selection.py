@@ -37,7 +37,7 @@ class ActivationStats:
         x = x.detach()
         m = x.float().mean(dim=(2, 3)).double()  # (B, C) spatial means
         abs_sum = x.abs().sum(dim=(0, 2, 3), dtype=torch.float64)  # (C,)
-        if self.abs_sum is None:
+        if self.abs_sum is None or self.m_sum is None or self.mm_sum is None:
             self.abs_sum, self.m_sum, self.mm_sum = abs_sum, m.sum(0), m.T @ m
         else:
             self.abs_sum += abs_sum
@@ -46,15 +46,21 @@ class ActivationStats:
         self.images += x.shape[0]
         self.pixels += x.shape[0] * x.shape[2] * x.shape[3]
 
+    def _sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.abs_sum is None or self.m_sum is None or self.mm_sum is None:
+            raise RuntimeError("ActivationStats read before any batch was fed (update() was never called)")
+        return self.abs_sum, self.m_sum, self.mm_sum
+
     def mean_abs(self) -> torch.Tensor:
         """(C,) mean |activation| over every pixel of the calibration set."""
-        return (self.abs_sum / max(self.pixels, 1)).float().cpu()
+        return (self._sums()[0] / max(self.pixels, 1)).float().cpu()
 
     def abs_correlation(self) -> torch.Tensor:
         """(C, C) |Pearson correlation| of the channels' per-image spatial means (0 for a constant channel)."""
         n = max(self.images, 1)
-        mean = self.m_sum / n
-        cov = self.mm_sum / n - mean[:, None] * mean[None, :]
+        _, m_sum, mm_sum = self._sums()
+        mean = m_sum / n
+        cov = mm_sum / n - mean[:, None] * mean[None, :]
         sd = cov.diagonal().clamp_min(0).sqrt()
         denom = sd[:, None] * sd[None, :]
         corr = torch.where(denom > 1e-12, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))

@@ -34,7 +34,7 @@ def run(ctx: RunContext, inp: ExportInput) -> ExportOutput:
     path = inp.path or ctx.dir / "model.onnx"
     export_onnx(inp.model, inp.images[:1], path, opset=ec.opset, dynamic_batch=ec.dynamic_batch,
                 exporter=ec.exporter)
-    parity = onnx_parity(path, inp.model, inp.images[: ec.parity_images], max_rel_diff=ec.max_abs_diff,
+    parity = onnx_parity(path, inp.model, inp.images[: ec.parity_images], max_rel_diff=ec.max_rel_diff,
                          min_top1_agreement=ec.min_top1_agreement)
     shown = path.relative_to(ctx.dir) if path.is_relative_to(ctx.dir) else path
     ctx.report["export"] = ExportSection(path=str(shown), opset=ec.opset, exporter=ec.exporter,
