@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from ..config import DEFAULT_CRITERION
+
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -72,7 +74,7 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline YAML (default: bundled model)"),
         weights: Optional[Path] = typer.Option(None, help="model weights (.safetensors)"),
         arch: Optional[str] = typer.Option(None, help="torchvision name or package.module:factory"),
-        criterion: Optional[str] = typer.Option(None, help="channel score (default sae-mi; l1/l2 need no data)"),
+        criterion: Optional[str] = typer.Option(None, help=f"channel score (default {DEFAULT_CRITERION}; l1/l2 need no data)"),
         confirm_every: int = typer.Option(3, help="measure on the target every N steps"),
         cache_dir: Optional[Path] = typer.Option(None, help="latency table cache (default ~/.cache/edgeprune/latency)"),
         threads: Optional[int] = typer.Option(None, help="runtime threads (default: the target's)"),

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from ..config import DEFAULT_CRITERION
+
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -121,7 +123,7 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline YAML (default: built-in defaults)"),
         weights: Optional[Path] = typer.Option(None, help="model weights (.safetensors or state-dict .pt)"),
         arch: Optional[str] = typer.Option(None, help="torchvision name or package.module:factory"),
-        criterion: Optional[str] = typer.Option(None, help="scoring criterion (default sae-mi)"),
+        criterion: Optional[str] = typer.Option(None, help=f"scoring criterion (default {DEFAULT_CRITERION})"),
         ratio: Optional[float] = typer.Option(None, help="fixed channel ratio instead of a target"),
         target_macs: Optional[float] = typer.Option(None, help="MACs reduction to reach, e.g. 2.0"),
         target_params: Optional[float] = typer.Option(None, help="parameter reduction to reach"),

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from ..config import DEFAULT_CRITERION
+
 from ..errors import ConfigError
 
 
@@ -69,7 +71,7 @@ def _plots(model, calib, result, out: Path, filters: list[int], images: list[int
 
 def register(app: typer.Typer) -> None:
     # the registry imports torch: keep it out of CLI start-up; `edgeprune criteria` lists the names
-    criteria_help = "scoring criterion, default sae-mi+l1 (`edgeprune criteria` lists them)"
+    criteria_help = f"scoring criterion, default {DEFAULT_CRITERION} (`edgeprune criteria` lists them)"
 
     @app.command("criteria")
     def criteria() -> None:
