@@ -7,7 +7,6 @@ from typing import Optional
 import typer
 
 from ..config import DEFAULT_CRITERION
-
 from ..errors import ConfigError
 
 
