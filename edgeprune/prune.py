@@ -13,6 +13,7 @@ depthwise and grouped convs) and ``BasePruner`` ranks and removes them; this mod
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections import OrderedDict
@@ -111,11 +112,23 @@ def _format_rows(rows: Sequence[LayerRow]) -> str:
 # ----------------------------------------------------------------------------- helpers
 
 
+@contextlib.contextmanager
+def shape_pass():
+    """For forwards that only trace shapes (MACs counts, checks) of one-off channel widths, as the target
+    search makes dozens of: oneDNN builds a JIT kernel for every new conv shape (tens of ms each, more
+    than the convolution itself at batch 1); ATen's own CPU convolution needs none. Same results."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN.*")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
 def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
     """MACs and parameters as torch-pruning counts them (one forward pass on ``example_inputs``)."""
     import torch_pruning as tp
 
-    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    with shape_pass():
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(macs), int(params)
 
 
@@ -149,7 +162,8 @@ def _forward(model: nn.Module, x: torch.Tensor, what: str) -> Any:
     was_training = model.training
     model.eval()
     try:
-        return model(x)
+        with shape_pass():
+            return model(x)
     except Exception as exc:  # any failure in user code: report which model and input
         raise PruneError(f"forward of {what} ({type(model).__name__}) on input {tuple(x.shape)} failed: "
                          f"{type(exc).__name__}: {exc}",
