@@ -319,7 +319,8 @@ def _trial(model: nn.Module, x: torch.Tensor, importance: Any, ratio: float, s: 
            layer_ratios: Optional[dict[str, float]] = None) -> _Trial:
     """Prune a deep copy of ``model`` at ``ratio`` (``layer_ratios``: name -> ratio overrides) and measure it."""
     pruned = copy.deepcopy(model).eval()
-    pruner = _build_pruner(pruned, x, importance, ratio, s, layer_ratios)
+    with shape_pass():  # the graph build traces a forward, too
+        pruner = _build_pruner(pruned, x, importance, ratio, s, layer_ratios)
     try:
         steps = _run_steps(pruner, pruned, x, ratio, s)
     except EdgePruneError:
