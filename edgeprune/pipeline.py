@@ -12,6 +12,7 @@ itself resumes from its last epoch checkpoint).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,7 +56,10 @@ def _once(run: Run, stage: str, compute: Callable[[], T], reload: Callable[[], T
     and is marked done (with the report so far)."""
     if run.done(stage):
         return reload()
+    t0 = time.perf_counter()
     out = compute()
+    timings = run.report.setdefault("run", {}).setdefault("stage_seconds", {})
+    timings[stage] = round(time.perf_counter() - t0, 2)
     run.mark(stage)
     return out
 

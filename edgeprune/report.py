@@ -182,6 +182,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     run = report.get("run") or {}
     out = [f"# edgeprune report: {run.get('name', 'run')}", ""]
     out += [f"- {k}: {run[k]}" for k in ("started", "finished", "seconds", "command") if run.get(k) is not None]
+    if run.get("stage_seconds"):
+        out.append("- seconds per stage: " + ", ".join(f"{k} {v:g}" for k, v in run["stage_seconds"].items()))
     if report.get("model", {}).get("arch"):
         out.append(f"- model: `{report['model']['arch']}`")
     out.append("")

@@ -31,6 +31,7 @@ class RunSection(Section):
     started: Optional[str] = None
     finished: Optional[str] = None
     seconds: Optional[float] = None
+    stage_seconds: Optional[dict[str, float]] = None  # wall seconds per stage run in this process
     command: Optional[str] = None
     edgeprune: Optional[str] = None
     device: Optional[str] = None
