@@ -76,9 +76,15 @@ def compile_artifact(onnx_path: Path, out_dir: Path, *, target: TargetConfig, pr
                      calibration: Optional[np.ndarray], kind: str) -> CompiledArtifact:
     backend = get_backend(target.backend.value)
     if precision == Precision.int8:
+        options = dict(target.options)
         names = float_scope(onnx_path, backend.name, kind)
         if names:
-            target = target.model_copy(update={"options": {**target.options, **backend.exclude_options(names)}})
+            options.update(backend.exclude_options(names))
+        if names and backend.name == "openvino":
+            # torchvision's batched NMS is scripted into an ONNX If; NNCF's full BiasCorrection refuses
+            # models with If ("not supported for OpenVINO models with If operation"), the fast one runs
+            options["fast_bias_correction"] = True
+        target = target.model_copy(update={"options": options})
     return backend.compile(onnx_path, out_dir, target=target, precision=precision, calibration=calibration)
 
 

@@ -15,6 +15,7 @@ import torch
 
 from ..config import PipelineConfig
 from ..errors import ConfigError, DataError
+from .synthetic import DEFECT_CLASSES
 from .datasets import DetectionData, SegmentationData, load_coco, load_mask_folder
 
 TaskData = SegmentationData | DetectionData
@@ -96,8 +97,9 @@ def load_task_data(cfg: PipelineConfig, *, data_dir: Optional[Path] = None) -> T
         if annotations is not None and t.source == "coco":
             data = load_coco(annotations, images, pre, with_masks=True)
             return SegmentationData(data.images, data.masks, data.classes, data.source)
+        names = cfg.data.class_names or (list(DEFECT_CLASSES) if t.source == "synthetic" else None)
         return load_mask_folder(images, masks, pre, num_classes=cfg.model.num_classes,
-                                classes=cfg.data.class_names, ignore_index=t.ignore_index)
+                                classes=names, ignore_index=t.ignore_index)
     if annotations is None:
         raise ConfigError("detection needs boxes: tasks.source coco (or synthetic)",
                           hint="mask folders carry no boxes; write a COCO JSON")

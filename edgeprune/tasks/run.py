@@ -104,9 +104,12 @@ def prune(cfg: PipelineConfig, model: nn.Module, example: torch.Tensor, importan
                                          "not counted)"}
 
 
+CALIBRATION_IMAGES = 64
+
+
 def _calibration(data: Split, target: TargetConfig) -> np.ndarray:
-    n = max(int(target.options.get("min_calibration", 32)), 32)
-    return data.train.images[:n].numpy().astype(np.float32)
+    """Up to 64 train images; the backend refuses fewer than its ``min_calibration``."""
+    return data.train.images[:CALIBRATION_IMAGES].numpy().astype(np.float32)
 
 
 def check_artifact(cfg, ops, target, precision, onnx_path, out, data, ref, base_metric, kind) -> dict:
