@@ -278,3 +278,16 @@ def test_run_task_segmentation_end_to_end(tmp_path):
     assert "| ort-fp32 | fp32 |" in (out / "report.md").read_text()
     again = run_task(_cfg(tmp_path, "segmentation"), out)  # the finished fine-tuning is resumed, not redone
     assert again["finetune"]["resumed_from"] is not None
+
+
+def test_detection_parity_forgives_the_top_k_cut_but_not_a_moved_box():
+    n = det_ops.MAX_DETECTIONS
+    ref = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]).repeat(n, 1) + torch.arange(float(n))[:, None],
+            "scores": torch.linspace(0.9, 0.3, n), "labels": torch.ones(n, dtype=torch.long)}]
+    got = [{k: v.clone() for k, v in ref[0].items()}]
+    got[0]["boxes"][-1] += 50  # the last box of a capped image swapped for another at the same score
+    cfg = PipelineConfig().tasks
+    assert det_ops.parity(ref, got, cfg)["ok"]
+    got[0]["boxes"][0] += 50  # the most confident box moved
+    p = det_ops.parity(ref, got, cfg)
+    assert not p["ok"] and (p["missing"], p["extra"], p["matched"]) == (1, 1, n - 2)

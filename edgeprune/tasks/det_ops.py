@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .datasets import DetectionData
 from .labels import boxes_to_label_maps
 from .metrics import detection_map
@@ -28,9 +28,11 @@ from .parity import detection_parity
 
 OUTPUT_NAMES = ("boxes", "scores", "labels")
 SIZE_MULTIPLE = 32  # torchvision's transform pads a batch to this multiple
+MAX_DETECTIONS = 100  # boxes kept per image (after NMS)
 
 
-def prepare(model: nn.Module, *, size: tuple[int, int], score_threshold: float, max_detections: int = 100) -> nn.Module:
+def prepare(model: nn.Module, *, size: tuple[int, int], score_threshold: float,
+            max_detections: int = MAX_DETECTIONS) -> nn.Module:
     """Make ``model`` take normalized (B, C, H, W) images of ``size`` unchanged; set its score cut."""
     h, w = size
     if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
@@ -102,13 +104,26 @@ def metric(preds: list[dict], data: DetectionData, ignore_index: Optional[int] =
     return {"mAP@0.5": s.map_50, "mAP@0.5:0.95": s.map_50_95}
 
 
+def _image_min_score(ref: dict, got: dict, score_threshold: float) -> float:
+    """The score below which a box may be missing on one side: the score cut, or, when an image reached
+    the ``MAX_DETECTIONS`` cap, the lowest kept score (a tiny score change moves a box across the top-k)."""
+    capped = [d["scores"] for d in (ref, got) if len(d["scores"]) >= MAX_DETECTIONS]
+    return max([score_threshold] + [float(s.min()) for s in capped])
+
+
 def parity(ref: list[dict], got: list[dict], tasks_cfg, strict: bool = True) -> dict:
-    """Boxes matched by label, IoU and score (order-free); ``ok`` only matters when ``strict``."""
-    p = detection_parity(ref, got, iou_threshold=tasks_cfg.parity_iou, score_tolerance=tasks_cfg.parity_score_tolerance,
-                         min_score=tasks_cfg.score_threshold)
-    return {"matched": p.matched, "ref_boxes": p.ref_boxes, "got_boxes": p.got_boxes,
-            "missing": len(p.unmatched_ref), "extra": len(p.unmatched_got), "min_iou": p.min_iou,
-            "max_score_diff": p.max_score_diff, "summary": p.summary(), "ok": (not strict) or p.ok}
+    """Boxes matched per image by label, IoU and score (order-free); ``ok`` only matters when ``strict``."""
+    if len(ref) != len(got):
+        raise DataError(f"{len(ref)} reference images but {len(got)} compiled ones")
+    per = [detection_parity([r], [g], iou_threshold=tasks_cfg.parity_iou,
+                            score_tolerance=tasks_cfg.parity_score_tolerance,
+                            min_score=_image_min_score(r, g, tasks_cfg.score_threshold)) for r, g in zip(ref, got)]
+    out = {"matched": sum(p.matched for p in per), "ref_boxes": sum(p.ref_boxes for p in per),
+           "got_boxes": sum(p.got_boxes for p in per), "missing": sum(len(p.unmatched_ref) for p in per),
+           "extra": sum(len(p.unmatched_got) for p in per), "min_iou": min([p.min_iou for p in per], default=1.0),
+           "max_score_diff": max([p.max_score_diff for p in per], default=0.0)}
+    out["ok"] = (not strict) or (out["missing"] == 0 and out["extra"] == 0)
+    return out
 
 
 def label_maps(data: DetectionData) -> torch.Tensor:

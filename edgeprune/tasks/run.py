@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -179,11 +180,22 @@ def _check_config(cfg: PipelineConfig) -> TaskOps:
     return ops
 
 
-def run_task(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
-    """Run the whole task pipeline for ``cfg`` into ``out_dir``; returns the report (also written)."""
-    t0 = time.perf_counter()
+@dataclass
+class Fitted:
+    """The unpruned and the pruned, fine-tuned model of a config, with the data and the report so far."""
+
+    ops: TaskOps
+    data: Split
+    model: nn.Module
+    pruned: nn.Module
+    report: dict[str, Any]
+    ref_pruned: Any  # the pruned model's PyTorch outputs on the eval images
+    ref_base: Any  # the unpruned model's
+
+
+def fit(cfg: PipelineConfig, out: Path) -> Fitted:
+    """Data, (baseline training), scoring, pruning, fine-tuning and PyTorch metrics; resumable."""
     ops = _check_config(cfg)
-    out = Path(out_dir)
     data_dir = out / "data" if cfg.tasks.source == "synthetic" else None
     data = load_task_data(cfg, data_dir=data_dir)  # user data: validated before anything is written
     check_classes(data, cfg.model.num_classes, cfg.task)
@@ -191,10 +203,9 @@ def run_task(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.finetune.seed)
     model = build_model(cfg, ops)
-    report: dict[str, Any] = {"name": cfg.name, "task": cfg.task, "model": cfg.model.arch,
-                              "primary_metric": ops.primary, "data": {"source": data.source,
-                                                                      "train": len(parts.train), "eval": len(parts.eval),
-                                                                      "classes": data.classes}}
+    report: dict[str, Any] = {"name": cfg.name, "task": cfg.task, "model": cfg.model.arch, "primary_metric": ops.primary,
+                              "data": {"source": data.source, "train": len(parts.train), "eval": len(parts.eval),
+                                       "classes": data.classes}}
     report["baseline_training"] = train_baseline(cfg, ops, model, parts, out)
     torch.save(model.state_dict(), out / "baseline.pt")
     _log("scoring")
@@ -205,15 +216,24 @@ def run_task(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     ft = train_task(ops, pruned, model, parts.train, parts.eval, cfg.finetune, ckpt_dir=out / "finetune",
                     ignore_index=cfg.tasks.ignore_index, progress=True)
     torch.save(pruned.state_dict(), out / "model.pt")
-    report["finetune"] = {k: v for k, v in ft.to_dict().items()}
-    ref_base = ops.predict(model, parts.eval.images)
-    ref_pruned = ops.predict(pruned, parts.eval.images)
+    report["finetune"] = ft.to_dict()
+    ref_pruned, ref_base = ops.predict(pruned, parts.eval.images), ops.predict(model, parts.eval.images)
     base = ops.metric(ref_base, parts.eval, ignore_index=cfg.tasks.ignore_index)
     after = ops.metric(ref_pruned, parts.eval, ignore_index=cfg.tasks.ignore_index)
     drop = metric_drop_pt(base[ops.primary], after[ops.primary])
     report["torch"] = {"baseline": base, "pruned": after, "drop_pt": drop,
                        "passed": drop <= cfg.tasks.max_metric_drop_pt}
-    report["artifacts"] = deploy(cfg, ops, model, pruned, parts, out, ref_pruned, base[ops.primary])
+    return Fitted(ops, parts, model, pruned, report, ref_pruned, ref_base)
+
+
+def run_task(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
+    """Run the whole task pipeline for ``cfg`` into ``out_dir``; returns the report (also written)."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    f = fit(cfg, out)
+    report = f.report
+    report["artifacts"] = deploy(cfg, f.ops, f.model, f.pruned, f.data, out, f.ref_pruned,
+                                 report["torch"]["baseline"][f.ops.primary])
     report["gate"] = {"max_metric_drop_pt": cfg.tasks.max_metric_drop_pt,
                       "passed": report["torch"]["passed"] and all(r["passed"] for r in report["artifacts"])}
     report["seconds"] = time.perf_counter() - t0
