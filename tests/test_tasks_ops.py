@@ -14,7 +14,7 @@ from PIL import Image
 from edgeprune.config import FinetuneConfig, PipelineConfig, Precision, load_target
 from edgeprune.errors import ConfigError, DataError, UnknownNameError
 from edgeprune.tasks import det_ops, seg_ops
-from edgeprune.tasks.models import build, traced_view
+from edgeprune.tasks.models import build
 from edgeprune.tasks.ops import TASKS, get_task
 from edgeprune.tasks.writer import write_inspection_set
 

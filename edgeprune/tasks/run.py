@@ -33,7 +33,7 @@ from ..config import PipelineConfig, Precision, TargetConfig, resolve_targets
 from ..errors import ConfigError
 from ..safety import atomic_write
 from .loading import Split, check_classes, load_task_data, split
-from .models import build, count_macs, prune_to_macs, traced_view
+from .models import build, prune_to_macs, traced_view
 from .ops import TaskOps, get_task, metric_drop_pt
 from .train import train_task
 
