@@ -31,8 +31,8 @@ PRECISIONS = ("fp32", "int8")
 # name -> (arch, task, image size, reduction): Faster R-CNN keeps FPN + RPN head + RoI heads whole (their
 # 256 channels feed ops outside the traced view), so only its body is slimmed and 2x MACs is out of reach
 MODELS = {
-    "lraspp": ("lraspp_mobilenet_v3_large", "segmentation", 64, 2.0),
-    "deeplabv3": ("deeplabv3_mobilenet_v3_large", "segmentation", 64, 2.0),
+    "lraspp": ("lraspp_mobilenet_v3_large", "segmentation", 128, 2.0),
+    "deeplabv3": ("deeplabv3_mobilenet_v3_large", "segmentation", 128, 2.0),
     "ssdlite": ("ssdlite320_mobilenet_v3_large", "detection", 160, 2.0),
     "fasterrcnn": ("fasterrcnn_mobilenet_v3_large_320_fpn", "detection", 160, 1.5),
 }
@@ -46,12 +46,12 @@ def config(name: str, threads: int, epochs_scale: float):
     return PipelineConfig.model_validate({
         "name": name, "task": task, "model": {"arch": arch, "weights": None, "num_classes": 4},
         "data": {"preprocessing": {"channels": 3, "height": size, "width": size, "mean": [0.5] * 3, "std": [0.25] * 3}},
-        "tasks": {"synthetic_count": 128 if det else 160, "baseline_epochs": round((10 if det else 12) * epochs_scale, 2),
-                  "baseline_lr": 0.02, "score_threshold": 0.2},
+        "tasks": {"synthetic_count": 128 if det else 160, "baseline_epochs": round((12 if det else 30) * epochs_scale, 2),
+                  "baseline_lr": 0.002 if det else 0.003, "score_threshold": 0.2},
         "score": {"criterion": "sae-mi", "num_images": 32 if det else 64},
         "prune": {"target_macs_reduction": reduction},
-        "finetune": {"epochs": round((6 if det else 8) * epochs_scale, 2), "lr": 0.01, "batch_size": 8,
-                     "kd_alpha": 0.5, "kd_temperature": 2.0},
+        "finetune": {"epochs": round((8 if det else 12) * epochs_scale, 2), "lr": 0.001, "optimizer": "adamw",
+                     "batch_size": 8, "kd_alpha": 0.5, "kd_temperature": 2.0},
         "bench": {"warmup_runs": 10, "min_runs": 50, "min_time_s": 1.0, "max_time_s": 10.0, "baseline_rounds": 4},
         "targets": list(TARGETS.values())})
 
@@ -142,7 +142,9 @@ def main(argv=None) -> int:
             fitted = fit(cfg, args.work / name)
             for rt, p in todo:
                 print(f"== {name} {rt} {p}", flush=True)
-                results[f"{name}/{rt}/{p}"] = run_cell(cfg, fitted, args.work / name, rt, p, args.threads)
+                cell = run_cell(cfg, fitted, args.work / name, rt, p, args.threads)
+                results = json.loads(path.read_text()) if path.is_file() else {}  # another process may have added cells
+                results[f"{name}/{rt}/{p}"] = cell
                 atomic_write(path, json.dumps(results, indent=1, default=str))
     atomic_write(args.out.with_suffix(".md"), table(results, list(MODELS)))
     print(table(results, list(MODELS)))

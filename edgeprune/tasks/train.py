@@ -7,7 +7,10 @@ it and ends with the same weights as an uninterrupted one (the shuffle is seeded
 RNG state is saved). The returned model holds the weights of the best evaluation.
 
 The teacher's outputs (segmentation logits; detection head outputs) are computed once up front,
-since the images are not augmented.
+since the images are not augmented. Before every evaluation the BatchNorm statistics are
+re-estimated on the train images (:func:`recalibrate`). The best epoch is picked on the eval
+split, the same split the run reports its metric on (the sets are small; both the unpruned and the
+pruned model are picked this way).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from torch import nn
 from ..config import FinetuneConfig
 from ..errors import DataError
 from ..finetune import (CKPT_NAME, _cpu_state, fingerprint, load_checkpoint, lr_factor, make_optimizer,
-                        save_checkpoint, validate_config)
+                        recalibrate_bn, save_checkpoint, validate_config)
 from .models import traced_view
 from .ops import TaskOps
 
@@ -58,6 +61,24 @@ def _teacher_slice(outs: Optional[list[torch.Tensor]], idx: torch.Tensor, task: 
         return None
     sel = [o[idx] for o in outs]
     return sel[0] if task == "segmentation" else sel
+
+
+class _Images:
+    """The ``batches`` interface :func:`edgeprune.finetune.recalibrate_bn` reads, over bare images."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def batches(self, batch_size: int):
+        for i in range(0, len(self.images), batch_size):
+            yield self.images[i: i + batch_size], None
+
+
+def recalibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> None:
+    """Re-estimate BatchNorm statistics on ``images`` through the traced view. MobileNetV3's BN
+    momentum is 0.01, so after a few hundred steps its running statistics are still mostly the
+    initial ones and the eval-mode model is far from the trained one."""
+    recalibrate_bn(traced_view(model), _Images(images), batches=len(images), batch_size=batch_size)
 
 
 def _evaluate(ops: TaskOps, model: nn.Module, data, ignore_index: Optional[int]) -> float:
@@ -116,6 +137,7 @@ def train_task(ops: TaskOps, student: nn.Module, teacher: Optional[nn.Module], t
         sched.step()
         loss_sum, loss_n, step = loss_sum + float(loss.detach()), loss_n + 1, step + 1
         if step % spe == 0 or step == total:
+            recalibrate(student, train.images)
             value = _evaluate(ops, student, val, ignore_index)
             history.append({"epoch": round(step / spe, 4), "train_loss": loss_sum / max(loss_n, 1),
                             ops.primary: value, "lr": opt.param_groups[0]["lr"]})
