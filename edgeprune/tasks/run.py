@@ -138,14 +138,14 @@ def _bench(cfg: PipelineConfig, target: TargetConfig, arts: dict) -> dict:
 
 
 def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_metric) -> list[dict]:
-    from .deploy import export_task_onnx
+    """Export both models; per target and precision: check the pruned artifact, time it against the
+    unpruned one (``bench.baseline``)."""
+    from .deploy import compile_artifact, export_task_onnx
 
-    example = data.eval.images[:1]
     onnx = {}
-    for name, m in (("baseline", model), ("pruned", pruned)):
+    for name, m, file in (("baseline", model, "baseline.onnx"), ("pruned", pruned, "model.onnx")):
         view, names = ops.export_view(m)
-        onnx[name] = export_task_onnx(view, example, out / f"{'model' if name == 'pruned' else 'baseline'}.onnx",
-                                      names, opset=cfg.export.opset)
+        onnx[name] = export_task_onnx(view, data.eval.images[:1], out / file, names, opset=cfg.export.opset)
     kind = type(model).__name__
     rows = []
     for target in resolve_targets(cfg.targets):
@@ -156,12 +156,9 @@ def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_met
                                  base_metric, kind)
             arts = {"pruned": row.pop("artifact")}
             if cfg.bench.baseline:
-                from .deploy import compile_artifact
-
+                cal = _calibration(data, target) if precision == Precision.int8 else None
                 arts["baseline"] = compile_artifact(onnx["baseline"], where / "baseline", target=target,
-                                                    precision=precision, kind=kind,
-                                                    calibration=_calibration(data, target)
-                                                    if precision == Precision.int8 else None)
+                                                    precision=precision, calibration=cal, kind=kind)
             row["latency"] = _bench(cfg, target, arts)
             rows.append(row)
     return rows
