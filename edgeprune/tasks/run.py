@@ -96,10 +96,12 @@ def score_channels(cfg: PipelineConfig, ops: TaskOps, model: nn.Module, data: Sp
 def prune(cfg: PipelineConfig, model: nn.Module, example: torch.Tensor, importance) -> tuple[nn.Module, dict]:
     if cfg.prune.target_macs_reduction is None:
         raise ConfigError("segmentation / detection prune to prune.target_macs_reduction; it is null")
+    round_to = cfg.prune.round_to or max((t.round_to for t in resolve_targets(cfg.targets)), default=1)
     res = prune_to_macs(model, example, reduction=cfg.prune.target_macs_reduction, tolerance=0.1,
-                        importance=importance, round_to=cfg.prune.round_to)
+                        importance=importance, round_to=round_to)
     params = [sum(p.numel() for p in m.parameters()) for m in (model, res.model)]
-    return res.model.eval(), {"ratio": res.ratio, "macs_before": res.macs_before, "macs_after": res.macs_after,
+    return res.model.eval(), {"ratio": res.ratio, "round_to": round_to, "macs_before": res.macs_before,
+                              "macs_after": res.macs_after,
                               "macs_reduction": res.reduction, "params_before": params[0], "params_after": params[1],
                               "macs_of": "the traced view (backbone, neck and heads; detection post-processing "
                                          "not counted)"}
