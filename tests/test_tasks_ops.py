@@ -291,3 +291,11 @@ def test_detection_parity_forgives_the_top_k_cut_but_not_a_moved_box():
     got[0]["boxes"][0] += 50  # the most confident box moved
     p = det_ops.parity(ref, got, cfg)
     assert not p["ok"] and (p["missing"], p["extra"], p["matched"]) == (1, 1, n - 2)
+
+
+def test_fixed_layer_names_say_which_predictors_are_kept():
+    from edgeprune.tasks.models import fixed_layer_names
+
+    names = fixed_layer_names(_seg_model())
+    assert set(names) == {"classifier.low_classifier", "classifier.high_classifier"}
+    assert all("fixed by the task" in why for why in names.values())

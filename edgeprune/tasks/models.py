@@ -129,6 +129,14 @@ def fixed_layers(model: nn.Module) -> list[nn.Module]:
     return FIXED[kind](model)
 
 
+def fixed_layer_names(model: nn.Module) -> dict[str, str]:
+    """``{module name: why it is kept whole}`` for ``inspect`` to print."""
+    names = {id(m): n for n, m in model.named_modules()}
+    why = {"FasterRCNN": "output channels feed the RoI heads outside the traced view, or fixed by the task"}
+    reason = why.get(type(model).__name__, "output channels fixed by the task (class / box predictor)")
+    return {names[id(m)]: reason for m in fixed_layers(model)}
+
+
 def count_macs(view: nn.Module, example: torch.Tensor) -> int:
     import torch_pruning as tp
 
