@@ -67,9 +67,8 @@ def run_cell(cfg, fitted, work: Path, runtime: str, precision: str, threads: int
     arts, rows = {}, {}
     for side, model, ref in (("baseline", fitted.model, fitted.ref_base), ("pruned", fitted.pruned, fitted.ref_pruned)):
         view, names = ops.export_view(model)
-        onnx = work / f"{side}.onnx"
-        if not onnx.is_file():
-            export_task_onnx(view, data.eval.images[:1], onnx, names)
+        onnx = export_task_onnx(view, data.eval.images[:1], work / f"{side}.onnx", names)  # always: a model may
+        # have been pruned or fine-tuned again since an earlier run of the script
         row = check_artifact(cfg, ops, target, prec, onnx, work / "artifacts" / runtime / precision / side, data, ref,
                              fitted.report["torch"]["baseline"][ops.primary], kind)
         arts[side] = row.pop("artifact")
