@@ -73,7 +73,7 @@ def run_cell(cfg, fitted, work: Path, runtime: str, precision: str, threads: int
                              fitted.report["torch"]["baseline"][ops.primary], kind)
         arts[side] = row.pop("artifact")
         rows[side] = row
-    lat = _bench(cfg, target, arts)
+    lat = _bench(cfg, target, arts, data.eval.images[:1])
     m = ops.primary
     return {"model": cfg.model.arch, "task": cfg.task, "runtime": target.name, "precision": precision,
             "metric_name": m, "metric_before": rows["baseline"]["metric"][m], "metric_after": rows["pruned"]["metric"][m],

@@ -131,10 +131,13 @@ def check_artifact(cfg, ops, target, precision, onnx_path, out, data, ref, base_
             "passed": bool(parity["ok"] and drop <= cfg.tasks.max_metric_drop_pt)}
 
 
-def _bench(cfg: PipelineConfig, target: TargetConfig, arts: dict) -> dict:
+def _bench(cfg: PipelineConfig, target: TargetConfig, arts: dict, image: torch.Tensor) -> dict:
+    """p50 of each artifact, interleaved, on one real eval image (1, C, H, W): a detector's NMS time
+    depends on how many boxes the image gives."""
     from ..bench import bench_interleaved, speedup
 
-    res = bench_interleaved(arts, target=target, cfg=cfg.bench, rounds=cfg.bench.baseline_rounds)["results"]
+    res = bench_interleaved(arts, target=target, cfg=cfg.bench, rounds=cfg.bench.baseline_rounds,
+                            inputs=image.numpy().astype(np.float32))["results"]
     p50 = {k: v["p50"] for k, v in res.items()}
     return {"p50_ms": p50, "speedup": speedup(p50.get("baseline"), p50.get("pruned"))}
 
@@ -161,7 +164,7 @@ def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_met
                 cal = _calibration(data, target) if precision == Precision.int8 else None
                 arts["baseline"] = compile_artifact(onnx["baseline"], where / "baseline", target=target,
                                                     precision=precision, calibration=cal, kind=kind)
-            row["latency"] = _bench(cfg, target, arts)
+            row["latency"] = _bench(cfg, target, arts, data.eval.images[:1])
             rows.append(row)
     return rows
 
