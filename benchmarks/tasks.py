@@ -81,7 +81,8 @@ def run_cell(cfg, fitted, work: Path, runtime: str, precision: str, threads: int
             "parity_after": {k: v for k, v in rows["pruned"]["parity"].items() if k != "summary"},
             "p50_before_ms": lat["p50_ms"]["baseline"], "p50_after_ms": lat["p50_ms"]["pruned"],
             "speedup": lat["speedup"], "macs_reduction": fitted.report["prune"]["macs_reduction"],
-            "torch": fitted.report["torch"], "threads": threads, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "torch": fitted.report["torch"], "threads": threads, "image_size": cfg.data.preprocessing.height,
+            "epochs": [cfg.tasks.baseline_epochs, cfg.finetune.epochs], "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _f(v, d=4):
@@ -94,8 +95,8 @@ def table(results: dict, models: list[str]) -> str:
              "scored with dense SAE-MI, pruned (predictors kept), fine-tuned with KD; metric on the eval split of each "
              "compiled artifact (before = unpruned, after = pruned, same runtime and precision); p50 of "
              "interleaved timing, batch 1, CPU, threads as listed. Drop in points of mIoU / mAP@0.5.", "",
-             "| model | runtime | precision | MACs red. | metric | before | after | drop (pt) | p50 before ms | "
-             "p50 after ms | speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | runtime | precision | MACs red. | epochs (base / fine-tune) | metric | before | after | drop (pt) | "
+             "p50 before ms | p50 after ms | speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     missing = []
     for name in models:
         for rt in TARGETS:
@@ -105,7 +106,8 @@ def table(results: dict, models: list[str]) -> str:
                     missing.append(f"{name}/{rt}/{p}")
                     continue
                 drop = 100 * (c["metric_before"] - c["metric_after"])
-                lines.append(f"| {c['model']} | {c['runtime']} | {p} | {c['macs_reduction']:.2f}x | {c['metric_name']} | "
+                ep = " / ".join(f"{e:g}" for e in c["epochs"]) if "epochs" in c else "-"
+                lines.append(f"| {c['model']} | {c['runtime']} | {p} | {c['macs_reduction']:.2f}x | {ep} | {c['metric_name']} | "
                              f"{_f(c['metric_before'])} | {_f(c['metric_after'])} | {drop:.2f} | "
                              f"{_f(c['p50_before_ms'], 3)} | {_f(c['p50_after_ms'], 3)} | {_f(c['speedup'], 2)} |")
     if missing:
