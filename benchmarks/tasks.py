@@ -82,7 +82,7 @@ def run_cell(cfg, fitted, work: Path, runtime: str, precision: str, threads: int
             "p50_before_ms": lat["p50_ms"]["baseline"], "p50_after_ms": lat["p50_ms"]["pruned"],
             "speedup": lat["speedup"], "macs_reduction": fitted.report["prune"]["macs_reduction"],
             "torch": fitted.report["torch"], "threads": threads, "image_size": cfg.data.preprocessing.height,
-            "epochs": [cfg.tasks.baseline_epochs, cfg.finetune.epochs], "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "epochs": [cfg.tasks.baseline_epochs, cfg.finetune.epochs], "timing_input": "one eval image", "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _f(v, d=4):
@@ -110,6 +110,10 @@ def table(results: dict, models: list[str]) -> str:
                 lines.append(f"| {c['model']} | {c['runtime']} | {p} | {c['macs_reduction']:.2f}x | {ep} | {c['metric_name']} | "
                              f"{_f(c['metric_before'])} | {_f(c['metric_after'])} | {drop:.2f} | "
                              f"{_f(c['p50_before_ms'], 3)} | {_f(c['p50_after_ms'], 3)} | {_f(c['speedup'], 2)} |")
+    random_input = [k for k, c in results.items() if "timing_input" not in c]
+    if random_input:
+        lines += ["", f"Timed on seeded random input (run before the timing moved to a real eval image; the same "
+                      f"work for a segmenter, not for a detector's NMS): {', '.join(sorted(random_input))}."]
     if missing:
         lines += ["", f"Missing cells (not run yet): {', '.join(missing)}."]
     lines += ["", "Command: `OMP_NUM_THREADS=1 python benchmarks/tasks.py --models <names> --threads 1` "
