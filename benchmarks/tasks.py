@@ -97,23 +97,25 @@ def table(results: dict, models: list[str]) -> str:
              "interleaved timing, batch 1, CPU, threads as listed. Drop in points of mIoU / mAP@0.5.", "",
              "| model | runtime | precision | MACs red. | epochs (base / fine-tune) | metric | before | after | drop (pt) | "
              "p50 before ms | p50 after ms | speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    missing = []
+    missing, failed = [], []
     for name in models:
         for rt in TARGETS:
             for p in PRECISIONS:
                 c = results.get(f"{name}/{rt}/{p}")
-                if c is None:
-                    missing.append(f"{name}/{rt}/{p}")
+                if c is None or "error" in c:
+                    (failed.append(f"{name}/{rt}/{p}: {c['error']}") if c else missing.append(f"{name}/{rt}/{p}"))
                     continue
                 drop = 100 * (c["metric_before"] - c["metric_after"])
                 ep = " / ".join(f"{e:g}" for e in c["epochs"]) if "epochs" in c else "-"
                 lines.append(f"| {c['model']} | {c['runtime']} | {p} | {c['macs_reduction']:.2f}x | {ep} | {c['metric_name']} | "
                              f"{_f(c['metric_before'])} | {_f(c['metric_after'])} | {drop:.2f} | "
                              f"{_f(c['p50_before_ms'], 3)} | {_f(c['p50_after_ms'], 3)} | {_f(c['speedup'], 2)} |")
-    random_input = [k for k, c in results.items() if "timing_input" not in c]
+    random_input = [k for k, c in results.items() if "timing_input" not in c and "error" not in c]
     if random_input:
         lines += ["", f"Timed on seeded random input (run before the timing moved to a real eval image; the same "
                       f"work for a segmenter, not for a detector's NMS): {', '.join(sorted(random_input))}."]
+    if failed:
+        lines += ["", "Failed cells:", ""] + [f"- {f}" for f in failed]
     if missing:
         lines += ["", f"Missing cells (not run yet): {', '.join(missing)}."]
     lines += ["", "Command: `OMP_NUM_THREADS=1 python benchmarks/tasks.py --models <names> --threads 1` "
@@ -140,14 +142,18 @@ def main(argv=None) -> int:
         from edgeprune.tasks.run import fit
 
         for name in args.models:
-            todo = [(r, p) for r in args.runtimes for p in args.precisions if f"{name}/{r}/{p}" not in results]
+            todo = [(r, p) for r in args.runtimes for p in args.precisions
+                    if "error" in results.get(f"{name}/{r}/{p}", {"error": "not run"})]
             if not todo:
                 continue
             cfg = config(name, args.threads, args.epochs_scale)
             fitted = fit(cfg, args.work / name)
             for rt, p in todo:
                 print(f"== {name} {rt} {p}", flush=True)
-                cell = run_cell(cfg, fitted, args.work / name, rt, p, args.threads)
+                try:
+                    cell = run_cell(cfg, fitted, args.work / name, rt, p, args.threads)
+                except Exception as exc:  # noqa: BLE001 - recorded in the table, the other cells still run
+                    cell = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"}
                 results = json.loads(path.read_text()) if path.is_file() else {}  # another process may have added cells
                 results[f"{name}/{rt}/{p}"] = cell
                 atomic_write(path, json.dumps(results, indent=1, default=str))
