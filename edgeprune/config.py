@@ -285,6 +285,8 @@ class TargetConfig(Strict):
 class PipelineConfig(Strict):
     name: str = Field("default", description="run folder name under output_dir (one path component)")
     output_dir: Path = Path("runs")
+    task: Literal["classification", "segmentation", "detection"] = "classification"
+    tasks: TaskConfig = Field(default_factory=TaskConfig, description="segmentation / detection settings")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
@@ -295,8 +297,6 @@ class PipelineConfig(Strict):
     targets: list[str] = Field(default_factory=lambda: ["cpu-onnxruntime", "intel-cpu-openvino"])
     fail_on_gate: bool = True
     device: str = Field("auto", description="torch device for scoring and fine-tuning: auto | cpu | cuda")
-    task: Literal["classification", "segmentation", "detection"] = "classification"
-    tasks: TaskConfig = Field(default_factory=TaskConfig, description="segmentation / detection settings")
 
     @field_validator("name")
     @classmethod
