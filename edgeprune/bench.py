@@ -193,9 +193,11 @@ def bench_interleaved(
     cfg: "BenchConfig",
     rounds: int = 10,
     input_shape: Optional[tuple[int, ...]] = None,
+    inputs: Optional[np.ndarray] = None,
 ) -> dict[str, Any]:
     """Load every artifact with its backend and time them interleaved at the target's first batch
-    size, on the same seeded input. Returns ``{"results": {name: LatencyStats dict (with samples)},
+    size, on the same seeded input (or on ``inputs`` (N, C, H, W), e.g. real images for a detector,
+    whose post-processing time depends on the image). Returns ``{"results": {name: LatencyStats dict (with samples)},
     "rounds", "order", "scope", "threads", "env"}``."""
     from .backends import get_backend
 
@@ -205,7 +207,7 @@ def bench_interleaved(
     for name, artifact in artifacts.items():
         runner = get_backend(_backend_name(artifact)).load(artifact, target=target)
         shape = _resolve_shape(artifact, None, input_shape, None)
-        fns[name] = _make_fn(runner, _runner_call(runner), batch=batch, shape=shape, inputs=None, scope=scope,
+        fns[name] = _make_fn(runner, _runner_call(runner), batch=batch, shape=shape, inputs=inputs, scope=scope,
                              preprocessing=None)
         sync = getattr(runner, "synchronize", None)
         syncs[name] = sync if callable(sync) else None

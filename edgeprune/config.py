@@ -250,6 +250,30 @@ class BenchConfig(Strict):
     baseline_rounds: int = Field(10, ge=1, description="alternating baseline/pruned slots of the speed-up timing")
 
 
+class TaskConfig(Strict):
+    """Segmentation / detection settings (``task`` other than classification; see edgeprune/tasks/run.py)."""
+
+    source: Literal["synthetic", "mask-folder", "coco"] = Field(
+        "synthetic", description="synthetic (generated, no download) | mask-folder (images + masks) | coco (JSON)")
+    images: Optional[Path] = Field(None, description="mask-folder: the image folder; coco: the image root")
+    masks: Optional[Path] = Field(None, description="mask-folder: PNG class-id masks named like their images")
+    annotations: Optional[Path] = Field(None, description="coco: the annotations JSON")
+    ignore_index: Optional[int] = Field(None, ge=0, description="mask value left out of loss and metric (e.g. 255)")
+    synthetic_count: int = Field(96, ge=8, description="synthetic: images generated")
+    synthetic_seed: int = 0
+    synthetic_max_defects: int = Field(3, ge=1)
+    eval_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of the images held out for metric and gate")
+    baseline_epochs: float = Field(0.0, ge=0.0, description="train the unpruned model first when model.weights is "
+                                                           "None (random weights give no meaningful metric)")
+    baseline_lr: float = Field(0.01, gt=0.0)
+    score_threshold: float = Field(0.05, ge=0.0, lt=1.0, description="detection: boxes kept by the exported graph")
+    min_pixel_agreement: float = Field(0.99, ge=0.0, le=1.0, description="segmentation FP32 parity")
+    parity_iou: float = Field(0.9, gt=0.0, le=1.0, description="detection FP32 parity: IoU of a matched box")
+    parity_score_tolerance: float = Field(0.05, ge=0.0, description="detection FP32 parity: |score difference|")
+    max_metric_drop_pt: float = Field(1.0, ge=0.0, description="gate: mIoU / mAP@0.5 drop in points vs the "
+                                                               "unpruned PyTorch model")
+
+
 class RemoteConfig(Strict):
     host: str = Field(..., description="OpenSSH destination (user@host or a ~/.ssh/config alias)")
     workdir: str = "~/edgeprune-remote"
@@ -307,6 +331,8 @@ class TargetConfig(Strict):
 class PipelineConfig(Strict):
     name: str = Field("default", description="run folder name under output_dir (one path component)")
     output_dir: Path = Path("runs")
+    task: Literal["classification", "segmentation", "detection"] = "classification"
+    tasks: TaskConfig = Field(default_factory=TaskConfig, description="segmentation / detection settings")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)

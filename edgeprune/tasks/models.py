@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from math import log as math_log
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -31,14 +31,31 @@ DETECTION = ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320
 
 
 def build(name: str, num_classes: int) -> nn.Module:
-    """A torchvision task model with random weights (``weights=None, weights_backbone=None``)."""
+    """A torchvision task model with random weights (``weights=None, weights_backbone=None``), or
+    ``package.module:factory`` called with ``num_classes`` (it must return one of the four kinds)."""
     from torchvision.models import detection, segmentation
+
+    if ":" in name:
+        return _from_factory(name, num_classes)
 
     if name in SEGMENTATION:
         return getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=num_classes)
     if name in DETECTION:
         return getattr(detection, name)(weights=None, weights_backbone=None, num_classes=num_classes)
     raise UnknownNameError(f"unknown task model {name!r}; valid: {', '.join(SEGMENTATION + DETECTION)}")
+
+
+def _from_factory(spec: str, num_classes: int) -> nn.Module:
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    try:
+        model = getattr(importlib.import_module(module), attr)(num_classes=num_classes)
+    except (ImportError, AttributeError) as exc:
+        raise UnknownNameError(f"cannot load task model factory {spec!r}: {exc}") from exc
+    if type(model).__name__ not in FIXED:
+        raise PruneError(f"{spec} returned a {type(model).__name__}; task models must be one of {', '.join(FIXED)}")
+    return model
 
 
 class SegmentationOut(nn.Module):
@@ -112,6 +129,14 @@ def fixed_layers(model: nn.Module) -> list[nn.Module]:
     return FIXED[kind](model)
 
 
+def fixed_layer_names(model: nn.Module) -> dict[str, str]:
+    """``{module name: why it is kept whole}`` for ``inspect`` to print."""
+    names = {id(m): n for n, m in model.named_modules()}
+    why = {"FasterRCNN": "output channels feed the RoI heads outside the traced view, or fixed by the task"}
+    reason = why.get(type(model).__name__, "output channels fixed by the task (class / box predictor)")
+    return {names[id(m)]: reason for m in fixed_layers(model)}
+
+
 def count_macs(view: nn.Module, example: torch.Tensor) -> int:
     import torch_pruning as tp
 
@@ -119,14 +144,17 @@ def count_macs(view: nn.Module, example: torch.Tensor) -> int:
     return int(macs)
 
 
-def prune_once(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:
-    """A pruned copy of ``model``: one L1-magnitude step at ``ratio`` with the fixed layers kept."""
+def prune_once(model: nn.Module, example: torch.Tensor, ratio: float, importance=None,
+               round_to: Optional[int] = None) -> nn.Module:
+    """A pruned copy of ``model``: one step at ``ratio`` with the fixed layers kept. ``importance``:
+    a torch-pruning importance over the traced view's module names (default L1 magnitude)."""
     import torch_pruning as tp
 
     m = copy.deepcopy(model).eval()
     view = traced_view(m)
-    pruner = tp.pruner.MetaPruner(view, example, importance=tp.importance.GroupMagnitudeImportance(p=1),
-                                  pruning_ratio=ratio, ignored_layers=fixed_layers(m))
+    imp = importance if importance is not None else tp.importance.GroupMagnitudeImportance(p=1)
+    pruner = tp.pruner.MetaPruner(view, example, importance=imp, pruning_ratio=ratio, round_to=round_to,
+                                  ignored_layers=fixed_layers(m))
     pruner.step()
     return m
 
@@ -151,7 +179,7 @@ def _next_ratio(ratio: float, got: float, target: float, lo: float, hi: float) -
 
 
 def prune_to_macs(model: nn.Module, example: torch.Tensor, *, reduction: float = 2.0, tolerance: float = 0.1,
-                  max_trials: int = 6) -> PrunedModel:
+                  max_trials: int = 6, importance=None, round_to: Optional[int] = None) -> PrunedModel:
     """Search the pruning ratio until the traced view's MACs drop by ``reduction`` +- ``tolerance``.
 
     The first guess assumes MACs scale with ``(1 - r)^2`` (both channel sides of most convs shrink);
@@ -161,7 +189,7 @@ def prune_to_macs(model: nn.Module, example: torch.Tensor, *, reduction: float =
     lo, hi, best = 0.0, 0.95, None
     ratio = 1.0 - reduction ** -0.5
     for _ in range(max_trials):
-        pruned = prune_once(model, example, ratio)
+        pruned = prune_once(model, example, ratio, importance, round_to)
         got = PrunedModel(pruned, ratio, before, count_macs(traced_view(pruned), example))
         if best is None or abs(got.reduction - reduction) < abs(best.reduction - reduction):
             best = got

@@ -1,0 +1,167 @@
+"""Segmentation and detection at 2x MACs: metric and p50 latency before -> after, per runtime.
+
+For each of the four torchvision task models (random initialisation, no download), on the generated
+inspection set: the unpruned model is trained first, scored with dense SAE-MI, pruned to 2x MACs of
+its traced view (predictors kept) and fine-tuned with KD (:func:`edgeprune.tasks.run.fit`, the same
+path as ``run_task``). Then per cell (model, runtime, precision) both the unpruned and the pruned
+model are exported, compiled by edgeprune's backends (ORT / OpenVINO CPU, FP32 / INT8), run on the
+eval images (metric of each artifact) and timed interleaved (``bench_interleaved``: p50 of each,
+speed-up = p50 before / p50 after).
+
+Resumable per cell: every finished cell is written to ``<out>.json`` at once and skipped when the
+script is started again; model training resumes from its checkpoints in ``--work``.
+
+    OMP_NUM_THREADS=1 python benchmarks/tasks.py --models lraspp ssdlite --threads 1
+    python benchmarks/tasks.py --table-only       # rewrite the .md from the .json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+RESULTS = HERE / "results"
+TARGETS = {"ort": "cpu-onnxruntime", "ov": "intel-cpu-openvino"}
+PRECISIONS = ("fp32", "int8")
+# name -> (arch, task, image size, reduction): Faster R-CNN keeps FPN + RPN head + RoI heads whole (their
+# 256 channels feed ops outside the traced view), so only its body is slimmed and 2x MACs is out of reach
+MODELS = {
+    "lraspp": ("lraspp_mobilenet_v3_large", "segmentation", 128, 2.0),
+    "deeplabv3": ("deeplabv3_mobilenet_v3_large", "segmentation", 128, 2.0),
+    "ssdlite": ("ssdlite320_mobilenet_v3_large", "detection", 160, 2.0),
+    "fasterrcnn": ("fasterrcnn_mobilenet_v3_large_320_fpn", "detection", 160, 1.5),
+}
+
+
+def config(name: str, threads: int, epochs_scale: float):
+    from edgeprune.config import PipelineConfig
+
+    arch, task, size, reduction = MODELS[name]
+    det = task == "detection"
+    return PipelineConfig.model_validate({
+        "name": name, "task": task, "model": {"arch": arch, "weights": None, "num_classes": 4},
+        "data": {"preprocessing": {"channels": 3, "height": size, "width": size, "mean": [0.5] * 3, "std": [0.25] * 3}},
+        "tasks": {"synthetic_count": 128 if det else 160, "baseline_epochs": round((12 if det else 30) * epochs_scale, 2),
+                  "baseline_lr": 0.002 if det else 0.003, "score_threshold": 0.2},
+        "score": {"criterion": "sae-mi", "num_images": 32 if det else 64},
+        "prune": {"target_macs_reduction": reduction},
+        "finetune": {"epochs": round((8 if det else 12) * epochs_scale, 2), "lr": 0.001, "optimizer": "adamw",
+                     "batch_size": 8, "kd_alpha": 0.5, "kd_temperature": 2.0},
+        "bench": {"warmup_runs": 10, "min_runs": 50, "min_time_s": 1.0, "max_time_s": 10.0, "baseline_rounds": 4},
+        "targets": list(TARGETS.values())})
+
+
+def run_cell(cfg, fitted, work: Path, runtime: str, precision: str, threads: int) -> dict:
+    from edgeprune.config import Precision, load_target
+    from edgeprune.tasks.deploy import export_task_onnx
+    from edgeprune.tasks.run import _bench, check_artifact
+
+    ops, data = fitted.ops, fitted.data
+    target = load_target(TARGETS[runtime]).model_copy(update={"threads": threads})
+    prec, kind = Precision(precision), type(fitted.model).__name__
+    arts, rows = {}, {}
+    for side, model, ref in (("baseline", fitted.model, fitted.ref_base), ("pruned", fitted.pruned, fitted.ref_pruned)):
+        view, names = ops.export_view(model)
+        onnx = export_task_onnx(view, data.eval.images[:1], work / f"{side}.onnx", names)  # always: a model may
+        # have been pruned or fine-tuned again since an earlier run of the script
+        row = check_artifact(cfg, ops, target, prec, onnx, work / "artifacts" / runtime / precision / side, data, ref,
+                             fitted.report["torch"]["baseline"][ops.primary], kind)
+        arts[side] = row.pop("artifact")
+        rows[side] = row
+    lat = _bench(cfg, target, arts, data.eval.images[:1])
+    m = ops.primary
+    return {"model": cfg.model.arch, "task": cfg.task, "runtime": target.name, "precision": precision,
+            "metric_name": m, "metric_before": rows["baseline"]["metric"][m], "metric_after": rows["pruned"]["metric"][m],
+            "metrics_before": rows["baseline"]["metric"], "metrics_after": rows["pruned"]["metric"],
+            "parity_after": {k: v for k, v in rows["pruned"]["parity"].items() if k != "summary"},
+            "p50_before_ms": lat["p50_ms"]["baseline"], "p50_after_ms": lat["p50_ms"]["pruned"],
+            "speedup": lat["speedup"], "macs_reduction": fitted.report["prune"]["macs_reduction"],
+            "torch": fitted.report["torch"], "threads": threads, "image_size": cfg.data.preprocessing.height,
+            "epochs": [cfg.tasks.baseline_epochs, cfg.finetune.epochs], "timing_input": "one eval image", "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _f(v, d=4):
+    return "-" if v is None else f"{v:.{d}f}"
+
+
+def table(results: dict, models: list[str]) -> str:
+    lines = ["# Segmentation and detection at 2x MACs (benchmarks/tasks.py)", "",
+             "Generated inspection set (edgeprune.tasks.synthetic), models trained from random initialisation on it, "
+             "scored with dense SAE-MI, pruned (predictors kept), fine-tuned with KD; metric on the eval split of each "
+             "compiled artifact (before = unpruned, after = pruned, same runtime and precision); p50 of "
+             "interleaved timing, batch 1, CPU, threads as listed. Drop in points of mIoU / mAP@0.5.", "",
+             "| model | runtime | precision | MACs red. | epochs (base / fine-tune) | metric | before | after | drop (pt) | "
+             "p50 before ms | p50 after ms | speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    missing, failed = [], []
+    for name in models:
+        for rt in TARGETS:
+            for p in PRECISIONS:
+                c = results.get(f"{name}/{rt}/{p}")
+                if c is None or "error" in c:
+                    (failed.append(f"{name}/{rt}/{p}: {c['error']}") if c else missing.append(f"{name}/{rt}/{p}"))
+                    continue
+                drop = 100 * (c["metric_before"] - c["metric_after"])
+                ep = " / ".join(f"{e:g}" for e in c["epochs"]) if "epochs" in c else "-"
+                lines.append(f"| {c['model']} | {c['runtime']} | {p} | {c['macs_reduction']:.2f}x | {ep} | {c['metric_name']} | "
+                             f"{_f(c['metric_before'])} | {_f(c['metric_after'])} | {drop:.2f} | "
+                             f"{_f(c['p50_before_ms'], 3)} | {_f(c['p50_after_ms'], 3)} | {_f(c['speedup'], 2)} |")
+    random_input = [k for k, c in results.items() if "timing_input" not in c and "error" not in c]
+    if random_input:
+        lines += ["", f"Timed on seeded random input (run before the timing moved to a real eval image; the same "
+                      f"work for a segmenter, not for a detector's NMS): {', '.join(sorted(random_input))}."]
+    if failed:
+        lines += ["", "Failed cells:", ""] + [f"- {f}" for f in failed]
+    if missing:
+        lines += ["", f"Missing cells (not run yet): {', '.join(missing)}."]
+    lines += ["", "Command: `OMP_NUM_THREADS=1 python benchmarks/tasks.py --models <names> --threads 1` "
+                  "(resumable per cell).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--runtimes", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epochs-scale", type=float, default=1.0, help="multiply the training epochs (quick runs)")
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-tasks"))
+    ap.add_argument("--out", type=Path, default=RESULTS / "tasks")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args(argv)
+    from edgeprune.safety import atomic_write
+
+    path = args.out.with_suffix(".json")
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if not args.table_only:
+        from edgeprune.tasks.run import fit
+
+        for name in args.models:
+            todo = [(r, p) for r in args.runtimes for p in args.precisions
+                    if "error" in results.get(f"{name}/{r}/{p}", {"error": "not run"})]
+            if not todo:
+                continue
+            cfg = config(name, args.threads, args.epochs_scale)
+            fitted = fit(cfg, args.work / name)
+            for rt, p in todo:
+                print(f"== {name} {rt} {p}", flush=True)
+                try:
+                    cell = run_cell(cfg, fitted, args.work / name, rt, p, args.threads)
+                except Exception as exc:  # noqa: BLE001 - recorded in the table, the other cells still run
+                    cell = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"}
+                results = json.loads(path.read_text()) if path.is_file() else {}  # another process may have added cells
+                results[f"{name}/{rt}/{p}"] = cell
+                atomic_write(path, json.dumps(results, indent=1, default=str))
+    atomic_write(args.out.with_suffix(".md"), table(results, list(MODELS)))
+    print(table(results, list(MODELS)))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""Export a task model to ONNX, compile it per target and precision, and run the artifact.
+
+- Export: the task's export view (segmentation: logits; detection: the whole torchvision detector,
+  transform, anchors, box decoding and NMS included, giving ``boxes``, ``scores``, ``labels``) with
+  the TorchScript exporter at the config's opset (17 by default), then ``onnx.checker``. Detection
+  is exported with a **fixed** input (batch 1, the data's H x W): torchvision's detection
+  post-processing traces its sizes into the graph, and a dynamic H, W is not attempted here.
+- Compile: the existing backends (:func:`edgeprune.backends.get_backend`). For detection INT8, the
+  post-processing (every op outside the backbone and the heads, see
+  :data:`edgeprune.tasks.det_ops.QUANTIZED_PREFIXES`) is kept in float: ORT ``nodes_to_exclude``,
+  NNCF ``ignored_scope``.
+- Run: the backends' own runners return the first output only, so the artifact is run here with
+  the same runtime session / compiled model, returning every output in order.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..backends import CompiledArtifact, get_backend
+from ..config import Precision, TargetConfig
+from ..errors import ExportError
+
+INPUT_NAME = "input"
+
+
+def export_task_onnx(view: nn.Module, example: torch.Tensor, path: Path, output_names: tuple[str, ...], *,
+                     opset: int = 17) -> Path:
+    """Export ``view`` on ``example`` (1, C, H, W), fixed shapes, written atomically; onnx.checker run."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".onnx.tmp")
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(view.eval().cpu(), (example.cpu(),), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=list(output_names), do_constant_folding=True)
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"ONNX export of {type(view).__name__} failed (opset {opset}): {exc}") from exc
+    os.replace(tmp, path)
+    return path
+
+
+def float_scope(onnx_path: Path, backend: str, kind: str) -> list[str]:
+    """Names of the ops to keep in float in an INT8 detector (empty for other models)."""
+    from .det_ops import QUANTIZED_PREFIXES
+
+    keep = QUANTIZED_PREFIXES.get(kind)
+    if keep is None:
+        return []
+    if backend == "openvino":
+        import openvino as ov
+
+        ops = ov.convert_model(str(onnx_path)).get_ordered_ops()
+        names = [op.get_friendly_name() for op in ops if op.get_type_name() not in ("Parameter", "Result", "Constant")]
+    else:
+        import onnx
+
+        names = [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.name]
+    return [n for n in names if n.startswith("/model/") and not n.startswith(keep)]
+
+
+def compile_artifact(onnx_path: Path, out_dir: Path, *, target: TargetConfig, precision: Precision,
+                     calibration: Optional[np.ndarray], kind: str) -> CompiledArtifact:
+    backend = get_backend(target.backend.value)
+    if precision == Precision.int8:
+        options = dict(target.options)
+        names = float_scope(onnx_path, backend.name, kind)
+        if names:
+            options.update(backend.exclude_options(names))
+        if names and backend.name == "openvino":
+            # torchvision's batched NMS is scripted into an ONNX If; NNCF's full BiasCorrection refuses
+            # models with If ("not supported for OpenVINO models with If operation"), the fast one runs
+            options["fast_bias_correction"] = True
+        target = target.model_copy(update={"options": options})
+    return backend.compile(onnx_path, out_dir, target=target, precision=precision, calibration=calibration)
+
+
+def load_runner(artifact: CompiledArtifact, target: TargetConfig) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """(1, C, H, W) float32 -> every output of the artifact, in order."""
+    if artifact.backend == "openvino":
+        from ..backends.openvino_backend import OpenVINOBackend, _ov
+
+        core = _ov().Core()
+        config = OpenVINOBackend()._config(core, target, Precision(artifact.precision))
+        compiled = core.compile_model(str(artifact.path), target.device, config)
+
+        def run_ov(x: np.ndarray) -> list[np.ndarray]:
+            res = compiled(x)
+            return [np.asarray(res[o]).copy() for o in compiled.outputs]
+
+        return run_ov
+    if artifact.backend == "onnxruntime":
+        from ..backends.onnxruntime_backend import check_provider, session
+
+        sess = session(Path(artifact.path), provider=check_provider(target.device), threads=target.threads,
+                       optimization=str(target.options.get("graph_optimization", "all")))
+        name = sess.get_inputs()[0].name
+        return lambda x: sess.run(None, {name: x})
+    raise ExportError(f"task artifacts run on onnxruntime or openvino; got {artifact.backend!r}")
+
+
+def run_per_image(run: Callable[[np.ndarray], list[np.ndarray]], images: torch.Tensor) -> list[list[np.ndarray]]:
+    """Each (C, H, W) image as a batch of one -> that image's outputs."""
+    x = images.detach().cpu().numpy().astype(np.float32)
+    return [run(x[i: i + 1]) for i in range(len(x))]
