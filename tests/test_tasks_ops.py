@@ -299,3 +299,39 @@ def test_fixed_layer_names_say_which_predictors_are_kept():
     names = fixed_layer_names(_seg_model())
     assert set(names) == {"classifier.low_classifier", "classifier.high_classifier"}
     assert all("fixed by the task" in why for why in names.values())
+
+
+@pytest.mark.slow
+def test_cli_run_dispatches_on_task(tmp_path):
+    """`edgeprune run --config seg.yaml` runs the task pipeline into <out>.partial and renames it when done."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg_path = tmp_path / "seg.yaml"
+    cfg_path.write_text(yaml.safe_dump(_cfg(tmp_path, "segmentation").model_dump(mode="json")))
+    out = tmp_path / "runs" / "seg"
+    res = subprocess.run([sys.executable, "-m", "edgeprune", "run", "--config", str(cfg_path), "--out", str(out),
+                          "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ort-fp32 fp32: mIoU" in res.stdout and "pass" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "segmentation" and report["gate"]["passed"]
+    assert (out / report["artifacts"][0]["path"]).exists()  # relative to the renamed run folder
+    assert not out.with_name("seg.partial").exists()
+    again = subprocess.run([sys.executable, "-m", "edgeprune", "run", "--config", str(cfg_path), "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_run_task_refuses_weights_of_another_model_before_writing_anything(tmp_path):
+    from edgeprune.errors import ModelLoadError
+    from edgeprune.tasks import run_task
+
+    cfg = _cfg(tmp_path, "segmentation")
+    bundled = Path(__file__).resolve().parent.parent / "edgeprune" / "assets" / "fmnist_cnn.safetensors"
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": bundled})})
+    with pytest.raises(ModelLoadError, match="do not fit LRASPP"):
+        run_task(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -100,6 +100,9 @@ def register(app: typer.Typer) -> None:
             preflight(cfg, targets, run_dir=Path(out) if out else Path(cfg.output_dir) / cfg.name)
             typer.echo(plan_text(cfg, targets))
             return
+        if cfg.task != "classification":
+            _run_task(cfg, out, resume=resume)
+            return
         from ..pipeline import gate, run_pipeline
         from ..report import summary_table
 
@@ -142,3 +145,31 @@ def register(app: typer.Typer) -> None:
         ctx = RunContext(cfg, [], Path(out).parent, progress=False)
         parity = export_stage.run(ctx, export_stage.ExportInput(model, images, path=Path(out))).parity
         typer.echo(f"wrote {out}: max abs diff {parity.max_abs_diff:.3g}, top-1 agreement {parity.top1_agreement:.4f}")
+
+
+def _run_task(cfg: PipelineConfig, out: Optional[Path], *, resume: bool) -> None:
+    """Segmentation / detection (``task:``): edgeprune.tasks.run_task in ``<run>.partial``, renamed when done."""
+    import os
+
+    from ..errors import EdgePruneError, GateError
+    from ..tasks import run_task
+
+    final = Path(out) if out else Path(cfg.output_dir) / cfg.name
+    partial = final.with_name(final.name + ".partial")
+    if final.exists():
+        raise EdgePruneError(f"run directory {final} already exists", hint="choose another --name/--out or remove it")
+    if partial.exists() and not resume:
+        raise EdgePruneError(f"an unfinished run is in {partial}",
+                             hint="pass --resume to continue it, or remove the folder to start over")
+    report = run_task(cfg, partial)  # trains and fine-tunes from its checkpoints when resumed
+    os.replace(partial, final)
+    primary = report.get("primary_metric", "metric")
+    for a in report.get("artifacts", []):
+        value, speedup = a.get("metric", {}).get(primary), a.get("latency", {}).get("speedup")
+        typer.echo(f"{a.get('target')} {a.get('precision')}: {primary} {value if value is None else round(value, 4)}"
+                   f" (drop {a.get('drop_pt')} pt), speed-up {speedup if speedup is None else round(speedup, 2)}x: "
+                   f"{'pass' if a.get('passed') else 'FAIL'}")
+    typer.echo(f"\nrun directory: {final} (report.md)")
+    if cfg.fail_on_gate and not report["gate"]["passed"]:
+        raise GateError(f"{cfg.task} run failed its gate (metric drop or parity); report in {final}",
+                        hint="see report.md; --no-fail-on-gate exits 0 anyway")

@@ -51,7 +51,15 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # another architecture's or class count's weights
+        from ..errors import ModelLoadError
+
+        first = str(exc).strip().splitlines()
+        raise ModelLoadError(f"weights {path} do not fit {type(model).__name__}: {first[1].strip()[:300] if len(first) > 1 else first[0][:300]}",
+                             hint="check model.arch / model.num_classes, or set model.weights: null to train the "
+                                  "unpruned model first") from exc
 
 
 def build_model(cfg: PipelineConfig, ops: TaskOps) -> nn.Module:
@@ -198,13 +206,13 @@ class Fitted:
 def fit(cfg: PipelineConfig, out: Path) -> Fitted:
     """Data, (baseline training), scoring, pruning, fine-tuning and PyTorch metrics; resumable."""
     ops = _check_config(cfg)
+    torch.manual_seed(cfg.finetune.seed)
+    model = build_model(cfg, ops)  # weights that do not fit: refused before anything is written
     data_dir = out / "data" if cfg.tasks.source == "synthetic" else None
     data = load_task_data(cfg, data_dir=data_dir)  # user data: validated before anything is written
     check_classes(data, cfg.model.num_classes, cfg.task)
     parts = split(data, cfg.tasks.eval_fraction, cfg.finetune.seed)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.finetune.seed)
-    model = build_model(cfg, ops)
     report: dict[str, Any] = {"name": cfg.name, "task": cfg.task, "model": cfg.model.arch, "primary_metric": ops.primary,
                               "data": {"source": data.source, "train": len(parts.train), "eval": len(parts.eval),
                                        "classes": data.classes}}
@@ -236,6 +244,8 @@ def run_task(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     report = f.report
     report["artifacts"] = deploy(cfg, f.ops, f.model, f.pruned, f.data, out, f.ref_pruned,
                                  report["torch"]["baseline"][f.ops.primary])
+    for row in report["artifacts"]:  # relative: the run folder is renamed (.partial) or moved
+        row["path"] = str(Path(row["path"]).resolve().relative_to(out.resolve()))
     report["gate"] = {"max_metric_drop_pt": cfg.tasks.max_metric_drop_pt,
                       "passed": report["torch"]["passed"] and all(r["passed"] for r in report["artifacts"])}
     report["seconds"] = time.perf_counter() - t0
