@@ -12,6 +12,7 @@ uses a ``torch.Generator`` seeded per epoch, and the global RNG states are saved
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -136,13 +137,31 @@ def _count_correct(model: nn.Module, data: TensorData, idx: torch.Tensor, batch_
     return float(correct), float(len(idx))
 
 
+@contextlib.contextmanager
+def cpu_channels_last(device: torch.device | str, *models: Optional[nn.Module]) -> Iterator[None]:
+    """On the CPU, conv weights in channels_last layout while training or evaluating: oneDNN's NHWC kernels
+    (measured on the bundled CNN on 2 cores: a KD training step ~1.3-1.6x, a batch-512 forward ~1.7x
+    faster). Only the memory layout changes (outputs agree to float rounding). The models are put back
+    in the standard layout afterwards: export, safetensors and the caller expect contiguous weights."""
+    use = torch.device(device).type == "cpu"
+    convs = [m for m in models if m is not None and any(isinstance(x, nn.Conv2d) for x in m.modules())] if use else []
+    for m in convs:
+        m.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for m in convs:
+            m.to(memory_format=torch.contiguous_format)
+
+
 def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512, device: str = "cpu") -> float:
     """Top-1 accuracy in [0, 1] of ``model`` (put in eval mode) on ``data``."""
     if len(data) == 0:
         raise DataError("cannot evaluate on an empty data set")
     model.eval()
     dev = torch.device(device)
-    correct, n = _count_correct(model, data, torch.arange(len(data)), batch_size, dev)
+    with cpu_channels_last(dev, model):
+        correct, n = _count_correct(model, data, torch.arange(len(data)), batch_size, dev)
     return correct / n
 
 
@@ -364,13 +383,14 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train: TensorData
     ctx = D.setup(device)
     try:
         torch.manual_seed(cfg.seed + ctx.rank)
-        run = _Run(student, teacher, train, val, cfg, ckpt_dir, ctx, augment, ckpt_every_steps)
-        resumed = run.try_resume()
-        t0 = time.perf_counter()
-        _loop(run, progress and ctx.is_main, t0)
-        model = D.unwrap(run.model)
-        if run.p.best_state is not None:
-            model.load_state_dict(run.p.best_state)
+        with cpu_channels_last(ctx.device, student, teacher):
+            run = _Run(student, teacher, train, val, cfg, ckpt_dir, ctx, augment, ckpt_every_steps)
+            resumed = run.try_resume()
+            t0 = time.perf_counter()
+            _loop(run, progress and ctx.is_main, t0)
+            model = D.unwrap(run.model)
+            if run.p.best_state is not None:
+                model.load_state_dict(run.p.best_state)
         model.eval()
         return FinetuneResult(model, run.p.best_acc, run.p.step / run.spe,
                               run.p.elapsed, run.p.history, resumed)
