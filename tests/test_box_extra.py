@@ -92,7 +92,7 @@ def test_worker_compiles_and_benches_without_torch(target_name, box_venv, bundle
     target = load_target(target_name).model_copy(update={"threads": 1})
     precisions = [Precision.fp32, Precision.int8]
     stage_job(tmp_path, target=target, onnx_path=onnx_path, calibration=calib, eval_data=(images, labels),
-              precisions=precisions, bench_cfg=QUICK_BENCH)
+              precisions=precisions, bench_cfg=QUICK_BENCH, eval_batch=256)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     t0 = time.perf_counter()
     res = subprocess.run([str(box_venv), "-m", "edgeprune", "remote-worker", str(tmp_path)], capture_output=True,

@@ -12,7 +12,7 @@ from edgeprune.registry import Registry
 
 def test_defaults_are_valid():
     cfg = PipelineConfig()
-    assert cfg.score.criterion == "sae-mi+l1"
+    assert cfg.score.criterion == "l1"
     assert cfg.prune.target_macs_reduction == 2.0
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import write_calibration_pngs
 
-from edgeprune.config import DEFAULT_CRITERION
 from edgeprune.data import TensorData
 from edgeprune.errors import ConfigError, UnknownNameError
 from edgeprune.scoring import (CRITERIA, ChannelScores, aura_matrix, class_aura_matrices, find_taps, label_gram,
@@ -247,9 +246,9 @@ def test_score_cli(tmp_path):
     }))
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["score", "--config", str(cfg), "--num-images", "16", "--out", str(out),
-                                   "--plots", "--filters", "0,1", "--images", "0"])
+                                   "--plots", "--filters", "0,1", "--images", "0", "--criterion", "sae-mi+l1"])
     assert res.exit_code == 0, res.output
     data = json.loads((out / "scores.json").read_text())
-    assert data["criterion"] == DEFAULT_CRITERION and len(data["scores"]) == 5 and data["labels_source"] == "labels"
+    assert data["criterion"] == "sae-mi+l1" and len(data["scores"]) == 5 and data["labels_source"] == "labels"
     assert (out / "scores.csv").is_file() and (out / "score_distribution.png").stat().st_size > 1000
     assert len(list(out.glob("sae_*.png"))) == 5
