@@ -69,7 +69,8 @@ class _Problems:
     """Collects validation problems so that one error lists them all."""
 
     def __init__(self, what: str):
-        self.what, self.items = what, []
+        self.what = what
+        self.items: list[str] = []
 
     def add(self, msg: str) -> None:
         self.items.append(msg)

@@ -69,7 +69,7 @@ def dense_class_aura_matrices(q: torch.Tensor, labels: torch.Tensor, *, num_clas
 def dense_sae_mi(q: torch.Tensor, labels: torch.Tensor, *, num_classes: int, levels: int, radius: int = 1,
                  ignore_index: Optional[int] = None) -> torch.Tensor:
     """(B, C, H, W) levels and (B, H0, W0) labels at any size -> (C,) ``I(Y_s; (Q_s, Q_t))`` in bits."""
-    lab = resize_labels(labels, tuple(q.shape[-2:]))  # (B, H, W)
+    lab = resize_labels(labels, (int(q.shape[-2]), int(q.shape[-1])))  # (B, H, W)
     a_k = dense_class_aura_matrices(q, lab, num_classes=num_classes, levels=levels, radius=radius,
                                     ignore_index=ignore_index)
     return sae_mi_from_class_auras(a_k)
@@ -91,11 +91,13 @@ def compute_dense_sae_mi(ctx: ScoringContext) -> dict[str, torch.Tensor]:
     """Criterion body: ``ctx.labels`` are (N, H0, W0) label maps at image resolution."""
     ranges = _ranges(ctx)
     ignore = ctx.params.get("ignore_index")
+    labels = ctx.known_labels()
     acc: dict[str, torch.Tensor] = {}
     for start, maps in ctx.maps("dense-sae-mi"):
         for name, x in maps.items():
             q = ranges[name].apply(x)  # (B, C, H, W)
-            lab = resize_labels(ctx.labels[start: start + q.shape[0]].to(q.device), tuple(q.shape[-2:]))
+            size = (int(q.shape[-2]), int(q.shape[-1]))
+            lab = resize_labels(labels[start: start + q.shape[0]].to(q.device), size)
             a_k = dense_class_aura_matrices(q, lab, num_classes=ctx.num_classes, levels=ctx.levels,
                                             radius=ctx.radius, ignore_index=ignore)
             acc[name] = a_k if name not in acc else acc[name] + a_k  # (K, C, G, G)

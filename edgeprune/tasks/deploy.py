@@ -27,7 +27,7 @@ from torch import nn
 
 from ..backends import CompiledArtifact, get_backend
 from ..config import Precision, TargetConfig
-from ..errors import ExportError
+from ..errors import CompileError, ExportError
 
 INPUT_NAME = "input"
 
@@ -79,7 +79,11 @@ def compile_artifact(onnx_path: Path, out_dir: Path, *, target: TargetConfig, pr
         options = dict(target.options)
         names = float_scope(onnx_path, backend.name, kind)
         if names:
-            options.update(backend.exclude_options(names))
+            exclude = getattr(backend, "exclude_options", None)
+            if exclude is None:
+                raise CompileError(f"INT8 {kind} on {backend.name} needs ops kept in float, and the backend has no "
+                                   "exclude_options", hint="use an onnxruntime or openvino target")
+            options.update(exclude(names))
         if names and backend.name == "openvino":
             # torchvision's batched NMS is scripted into an ONNX If; NNCF's full BiasCorrection refuses
             # models with If ("not supported for OpenVINO models with If operation"), the fast one runs

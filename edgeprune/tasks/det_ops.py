@@ -13,7 +13,7 @@ the same shapes; matching logits is distillation in the sense of Ba & Caruana (2
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from ..errors import ConfigError, DataError
 from .datasets import DetectionData
 from .labels import boxes_to_label_maps
 from .metrics import detection_map
-from .models import traced_view
+from .models import submodule, traced_view
 from .parity import detection_parity
 
 OUTPUT_NAMES = ("boxes", "scores", "labels")
@@ -38,15 +38,16 @@ def prepare(model: nn.Module, *, size: tuple[int, int], score_threshold: float,
     if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
         raise ConfigError(f"detection images must be a multiple of {SIZE_MULTIPLE} pixels; data.preprocessing is "
                           f"{w}x{h} (WxH)", hint="e.g. 160x160 or 320x320")
-    t = model.transform
+    t: Any = model.transform  # torchvision's GeneralizedRCNNTransform (untyped attributes)
     t.image_mean, t.image_std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
     t.min_size, t.max_size = (min(h, w),), max(h, w)
     if getattr(t, "fixed_size", None):
         t.fixed_size = (h, w)
+    m: Any = model  # torchvision's SSD / FasterRCNN (untyped attributes)
     if type(model).__name__ == "SSD":
-        model.score_thresh, model.detections_per_img = score_threshold, max_detections
+        m.score_thresh, m.detections_per_img = score_threshold, max_detections
     else:
-        model.roi_heads.score_thresh, model.roi_heads.detections_per_img = score_threshold, max_detections
+        m.roi_heads.score_thresh, m.roi_heads.detections_per_img = score_threshold, max_detections
     return model
 
 
@@ -56,7 +57,7 @@ def batch(data: DetectionData, idx: torch.Tensor):
 
 
 def _head_module(model: nn.Module) -> nn.Module:
-    return model.head if type(model).__name__ == "SSD" else model.rpn.head
+    return submodule(model, "head") if type(model).__name__ == "SSD" else submodule(model, "rpn.head")
 
 
 def _head_tensors(out) -> list[torch.Tensor]:
@@ -128,7 +129,7 @@ def parity(ref: list[dict], got: list[dict], tasks_cfg, strict: bool = True) -> 
 
 def label_maps(data: DetectionData) -> torch.Tensor:
     """(N, H, W) class of the smallest box covering each pixel, 0 elsewhere."""
-    size = tuple(data.images.shape[-2:])
+    size = (int(data.images.shape[-2]), int(data.images.shape[-1]))
     return boxes_to_label_maps(data.boxes, data.labels, size, size)
 
 

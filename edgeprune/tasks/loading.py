@@ -84,6 +84,9 @@ def load_task_data(cfg: PipelineConfig, *, data_dir: Optional[Path] = None) -> T
     t, pre = cfg.tasks, cfg.data.preprocessing
     if cfg.task not in ("segmentation", "detection"):
         raise ConfigError(f"task {cfg.task!r} has no task data loader; valid: segmentation, detection")
+    images: Optional[Path]
+    masks: Optional[Path]
+    annotations: Optional[Path]
     if t.source == "synthetic":
         if data_dir is None:
             raise ConfigError("synthetic task data needs a folder to be generated into")
@@ -96,8 +99,13 @@ def load_task_data(cfg: PipelineConfig, *, data_dir: Optional[Path] = None) -> T
     if cfg.task == "segmentation":
         if annotations is not None and t.source == "coco":
             data = load_coco(annotations, images, pre, with_masks=True)
+            if data.masks is None:
+                raise DataError(f"{annotations}: no masks were read for segmentation (load_coco with_masks=True)")
             return SegmentationData(data.images, data.masks, data.classes, data.source)
         names = cfg.data.class_names or (list(DEFECT_CLASSES) if t.source == "synthetic" else None)
+        if images is None or masks is None:
+            raise ConfigError(f"segmentation with tasks.source {t.source!r} needs tasks.images and tasks.masks "
+                              "(mask-folder) or tasks.annotations (coco)")
         return load_mask_folder(images, masks, pre, num_classes=cfg.model.num_classes,
                                 classes=names, ignore_index=t.ignore_index)
     if annotations is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from math import log as math_log
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch
 from torch import nn
@@ -77,7 +77,7 @@ class SSDHeadOut(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor):
-        head = self.model.head(list(self.model.backbone(x).values()))
+        head = submodule(self.model, "head")(list(submodule(self.model, "backbone")(x).values()))
         return head["bbox_regression"], head["cls_logits"]
 
 
@@ -89,7 +89,7 @@ class RPNOut(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor):
-        objectness, deltas = self.model.rpn.head(list(self.model.backbone(x).values()))
+        objectness, deltas = submodule(self.model, "rpn.head")(list(submodule(self.model, "backbone")(x).values()))
         return tuple(objectness) + tuple(deltas)
 
 
@@ -105,19 +105,32 @@ def traced_view(model: nn.Module) -> nn.Module:
     raise PruneError(f"no traced view for {kind}; supported: LRASPP, DeepLabV3, SSD, FasterRCNN")
 
 
+def submodule(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path`` (torchvision's children, typed as modules for mypy)."""
+    for name in path.split("."):
+        model = cast(nn.Module, getattr(model, name))
+    return model
+
+
 def _ssd_predictors(model: nn.Module) -> list[nn.Module]:
     out = []
-    for head in (model.head.classification_head, model.head.regression_head):
-        for block in head.module_list:  # each: Sequential(depthwise conv block, 1x1 predictor conv)
+    for head in (submodule(model, "head.classification_head"), submodule(model, "head.regression_head")):
+        # each block: Sequential(depthwise conv block, 1x1 predictor conv)
+        for block in cast(nn.ModuleList, head.module_list):
             out.append(block[-1] if isinstance(block, nn.Sequential) else block)
     return out
 
 
+def _deeplab_predictors(model: nn.Module) -> list[nn.Module]:
+    aux = cast(Optional[nn.Sequential], model.aux_classifier)
+    return [cast(nn.Sequential, model.classifier)[-1]] + ([aux[-1]] if aux is not None else [])
+
+
 FIXED: dict[str, Callable[[nn.Module], list[nn.Module]]] = {
-    "LRASPP": lambda m: [m.classifier.low_classifier, m.classifier.high_classifier],
-    "DeepLabV3": lambda m: [m.classifier[-1]] + ([m.aux_classifier[-1]] if m.aux_classifier is not None else []),
+    "LRASPP": lambda m: [submodule(m, "classifier.low_classifier"), submodule(m, "classifier.high_classifier")],
+    "DeepLabV3": _deeplab_predictors,
     "SSD": _ssd_predictors,
-    "FasterRCNN": lambda m: [m.backbone.fpn, m.rpn.head, m.roi_heads],
+    "FasterRCNN": lambda m: [submodule(m, "backbone.fpn"), submodule(m, "rpn.head"), submodule(m, "roi_heads")],
 }
 
 
@@ -197,6 +210,9 @@ def prune_to_macs(model: nn.Module, example: torch.Tensor, *, reduction: float =
             return got
         lo, hi = (ratio, hi) if got.reduction < reduction else (lo, ratio)
         ratio = _next_ratio(ratio, got.reduction, reduction, lo, hi)
+    if best is None:
+        raise PruneError(f"{type(model).__name__}: no pruning trial was run (max_trials {max_trials})",
+                         hint="set max_trials to 1 or more")
     raise PruneError(f"{type(model).__name__}: no ratio gave {reduction}x MACs +- {tolerance} in {max_trials} trials; "
                      f"closest {best.reduction:.3f}x at ratio {best.ratio:.3f}",
                      hint="the fixed layers may hold most of the MACs; lower the target")

@@ -82,10 +82,13 @@ def _match_image(r: dict, g: dict, iou_threshold: float, score_tolerance: float)
     ok = (r["labels"][:, None] == g["labels"][None, :]) & (iou >= iou_threshold) & (ds <= score_tolerance)
     cand = [(float(iou[i, j]), i, j) for i, j in ok.nonzero().tolist()]
     cand.sort(key=lambda c: -c[0])  # stable: equal IoUs keep index order
-    used_r, used_g, pairs = set(), set(), []
+    used_r: set[int] = set()
+    used_g: set[int] = set()
+    pairs: list[tuple[int, int, float, float]] = []
     for v, i, j in cand:
         if i not in used_r and j not in used_g:
-            used_r.add(i), used_g.add(j)
+            used_r.add(i)
+            used_g.add(j)
             pairs.append((i, j, v, float(ds[i, j])))
     return pairs
 

@@ -63,6 +63,8 @@ def _load_weights(model: nn.Module, path: Path) -> None:
 
 
 def build_model(cfg: PipelineConfig, ops: TaskOps) -> nn.Module:
+    if ops.prepare is None:
+        raise ConfigError(f"task {cfg.task!r} has no model preparation step; valid here: segmentation, detection")
     model = ops.prepare(build(cfg.model.arch, cfg.model.num_classes), cfg)
     if cfg.model.weights is not None:
         _load_weights(model, cfg.model.weights)
@@ -89,6 +91,9 @@ def score_channels(cfg: PipelineConfig, ops: TaskOps, model: nn.Module, data: Sp
     if "sae" not in crit:
         raise ConfigError(f"score.criterion {crit!r} has no dense-label form for {cfg.task}; valid: any sae "
                           f"criterion (scored as dense-sae-mi) or {', '.join(L1_CRITERIA)}")
+    if ops.label_maps is None:
+        raise ConfigError(f"task {cfg.task!r} has no dense label maps to score with; use score.criterion "
+                          f"{' or '.join(L1_CRITERIA)}")
     from ..scoring.adapters import make_score_importance
     from .dense_sae import score_dense_sae_mi
 

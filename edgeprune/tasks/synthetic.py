@@ -48,7 +48,7 @@ class Sample:
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
     """(H, W) float32 noise in about [-1, 1], smooth over ``cell`` pixels (bilinear upsampled grid)."""
     grid = rng.uniform(-1, 1, (h // cell + 2, w // cell + 2)).astype(np.float32)
-    up = Image.fromarray(grid, mode="F").resize(((w // cell + 2) * cell, (h // cell + 2) * cell), Image.BILINEAR)
+    up = Image.fromarray(grid, mode="F").resize(((w // cell + 2) * cell, (h // cell + 2) * cell), Image.Resampling.BILINEAR)
     return np.asarray(up, dtype=np.float32)[cell // 2: cell // 2 + h, cell // 2: cell // 2 + w]
 
 

@@ -19,12 +19,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
 
 from ..config import FinetuneConfig
+from ..data import TensorData
 from ..errors import DataError
 from ..finetune import (CKPT_NAME, _cpu_state, fingerprint, load_checkpoint, lr_factor, make_optimizer,
                         recalibrate_bn, save_checkpoint, validate_config)
@@ -78,7 +79,8 @@ def recalibrate(model: nn.Module, images: torch.Tensor, batch_size: int = 16) ->
     """Re-estimate BatchNorm statistics on ``images`` through the traced view. MobileNetV3's BN
     momentum is 0.01, so after a few hundred steps its running statistics are still mostly the
     initial ones and the eval-mode model is far from the trained one."""
-    recalibrate_bn(traced_view(model), _Images(images), batches=len(images), batch_size=batch_size)
+    # recalibrate_bn reads only ``batches(batch_size)``; _Images gives it (images, None) without labels
+    recalibrate_bn(traced_view(model), cast(TensorData, _Images(images)), batches=len(images), batch_size=batch_size)
 
 
 def _evaluate(ops: TaskOps, model: nn.Module, data, ignore_index: Optional[int]) -> float:
@@ -119,7 +121,7 @@ def train_task(ops: TaskOps, student: nn.Module, teacher: Optional[nn.Module], t
         resumed = step
     elif ck is not None:
         warnings.warn(f"{path} is from another model, config or data; starting over")
-    t_out = teacher_outputs(teacher, train.images) if use_teacher and step < total else None
+    t_out = teacher_outputs(teacher, train.images) if teacher is not None and use_teacher and step < total else None
     t0, loss_sum, loss_n = time.perf_counter(), 0.0, 0
     while step < total:
         epoch, i = divmod(step, spe)

@@ -22,7 +22,8 @@ from .synthetic import DEFECT_CLASSES, SURFACES, Sample, generate
 
 def coco_dict(samples: list[tuple[str, Sample]]) -> dict:
     """``[(file_name, sample)]`` -> a COCO detection / instance-segmentation dict (uncompressed RLE)."""
-    images, anns = [], []
+    images: list[dict] = []
+    anns: list[dict] = []
     for image_id, (name, s) in enumerate(samples, start=1):
         h, w = s.mask.shape
         images.append({"id": image_id, "file_name": name, "height": h, "width": w, "surface": s.surface})
