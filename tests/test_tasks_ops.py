@@ -205,7 +205,7 @@ def _cfg(tmp_path, task: str, **tasks) -> PipelineConfig:
         "name": "t", "task": task, "model": {"arch": arch, "weights": None, "num_classes": 4},
         "data": {"preprocessing": {"channels": 3, "height": size, "width": size, "mean": [0.5] * 3, "std": [0.25] * 3}},
         "tasks": {"synthetic_count": 16, "baseline_epochs": 0, "max_metric_drop_pt": 100.0, **tasks},
-        "score": {"num_images": 8}, "finetune": {"epochs": 1, "batch_size": 4},
+        "score": {"num_images": 8, "criterion": "sae-mi"}, "finetune": {"epochs": 1, "batch_size": 4},
         "bench": {"warmup_runs": 1, "warmup_s": 0.0, "min_runs": 3, "min_time_s": 0.0, "max_time_s": 1.0,
                   "baseline_rounds": 1},
         "targets": [str(target)]})
