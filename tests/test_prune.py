@@ -258,7 +258,7 @@ def test_cli_prune_rescore_between_steps(tmp_path) -> None:
     cfg.write_text(
         "model: {arch: 'edgeprune.zoo:fmnist_cnn', weights: null, num_classes: 2, kwargs: {widths: [8, 8, 16]}}\n"
         f"data: {{calibration: '{tmp_path / 'calib'}', min_calibration: 8, batch_size: 8}}\n"
-        "score: {num_images: 16, quantization: zero-quantile, selection: greedy}\n"
+        "score: {criterion: sae-mi, num_images: 16, quantization: zero-quantile, selection: greedy}\n"
         "prune: {iterative_steps: 2, rescore_between_steps: true, target_macs_reduction: 1.5}\n")
     out = tmp_path / "p"
     result = CliRunner().invoke(app, ["prune", "-c", str(cfg), "--round-to", "1", "--out", str(out), "--no-progress"])

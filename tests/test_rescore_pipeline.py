@@ -34,7 +34,7 @@ def test_run_rescores_between_steps(tmp_path, monkeypatch):
         "name": "rescore", "output_dir": str(tmp_path / "runs"),
         "model": {"arch": "edgeprune.zoo:fmnist_cnn", "weights": str(weights), "kwargs": {"widths": [8, 8, 16]}},
         "data": {"max_train_images": 64, "max_eval_images": 64, "calibration_count": 32, "min_calibration": 16},
-        "score": {"num_images": 32, "quantization": "zero-quantile"},
+        "score": {"criterion": "sae-mi", "num_images": 32, "quantization": "zero-quantile"},
         "prune": {"target_macs_reduction": 1.5, "iterative_steps": 2, "rescore_between_steps": True},
         "targets": [str(target)],
     }))
