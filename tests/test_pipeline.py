@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from edgeprune.config import load_pipeline_config, resolve_targets
+from edgeprune.config import DEFAULT_CRITERION, load_pipeline_config, resolve_targets
 from edgeprune.models import save_safetensors
 from edgeprune.zoo import fmnist_cnn
 
@@ -191,4 +191,4 @@ def test_corrupt_image_in_calibration_folder(tmp_path):
 def test_dry_run_prints_plan(tmp_path):
     res = cli("run", "--dry-run", "--target", "cpu-onnxruntime")
     assert res.returncode == 0, res.stderr
-    assert "sae-mi" in res.stdout and "cpu-onnxruntime" in res.stdout and "stages:" in res.stdout
+    assert f"score ({DEFAULT_CRITERION})" in res.stdout and "cpu-onnxruntime" in res.stdout and "stages:" in res.stdout
