@@ -244,7 +244,8 @@ def write_report(out: dict, quick: bool) -> Path:
                      (f"; marked: {', '.join(s['blocked'])}" if s["blocked"] else ""))
     if out.get("compare"):
         lines += ["", "## Equal measured latency: latency-driven vs uniform MACs-targeted prune (fmnist_cnn)", "",
-                  f"Same fine-tuning for both: {out['finetune']}.", "",
+                  f"Same fine-tuning for both: {out['finetune']}." +
+                  (f" (Kept from the run of {out['compare_from']}; not rerun.)" if out.get("compare_from") else ""), "",
                   "| target | variant | p50 ms | MACs (M) | params (K) | top-1 before FT | top-1 after FT |",
                   "|---|---|---|---|---|---|---|"]
         for tname, rows in out["compare"].items():
@@ -273,15 +274,18 @@ def pct(e: dict, k: str) -> str:
     return "n/a" if e.get(k) is None else f"{e[k]:.1f}%"
 
 
-def _merge_previous(out: dict, models: list[str], quick: bool) -> None:
-    """Keep rows of models not rerun now from the last results file (reruns of one model replace its rows)."""
+def _merge_previous(out: dict, models: list[str], quick: bool, keep_compare: bool) -> None:
+    """Keep rows of models not rerun now from the last results file (reruns of one model replace its rows);
+    part 2 is kept when it is not rerun (``--no-compare``)."""
     path = RESULTS / ("latency_pruning" + ("_quick" if quick else "") + ".json")
     if not path.is_file():
         return
     prev = json.loads(path.read_text())
     out["search"] = [r for r in prev.get("search", []) if r["model"] not in models]
-    if "fmnist_cnn" not in models:
+    if "fmnist_cnn" not in models or keep_compare:
         out["compare"] = prev.get("compare", {})
+        out["finetune"] = prev.get("finetune", out["finetune"])
+        out["compare_from"] = prev.get("compare_from") or prev.get("env", {}).get("when")
 
 
 def main(argv=None) -> int:
@@ -307,7 +311,7 @@ def main(argv=None) -> int:
            "finetune": f"{budget.finetune_epochs} epochs on {len(data[0])} train images, distillation from the "
                        f"unpruned model, SGD lr 0.01, batch 128; top-1 on {len(data[2])} test images"}
     models = args.models.split(",")
-    _merge_previous(out, models, args.quick)
+    _merge_previous(out, models, args.quick, keep_compare=args.no_compare)
     for target in targets:
         if "fmnist_cnn" in models:
             x = torch.zeros(1, 1, 28, 28)
