@@ -335,3 +335,58 @@ def test_run_task_refuses_weights_of_another_model_before_writing_anything(tmp_p
     with pytest.raises(ModelLoadError, match="do not fit LRASPP"):
         run_task(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- detection export contract
+
+
+def test_batched_nms_without_branch_selects_like_torchvision_and_takes_no_boxes():
+    from torchvision.ops import batched_nms
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(200, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + 5 + torch.rand(200, 2, generator=g) * 30], 1)
+    scores, idxs = torch.rand(200, generator=g), torch.randint(1, 4, (200,), generator=g)
+    got = det_ops._batched_nms_without_branch(boxes, scores, idxs, 0.5)
+    assert torch.equal(got, batched_nms(boxes, scores, idxs, 0.5))
+    empty = det_ops._batched_nms_without_branch(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5)
+    assert empty.shape == (0,) and empty.dtype == torch.int64
+
+
+def test_detection_collect_reads_the_padded_outputs_and_refuses_a_broken_contract():
+    k = 5
+    boxes = np.zeros((k, 4), np.float32)
+    boxes[:2] = [[0, 0, 4, 4], [1, 1, 3, 3]]
+    scores = np.array([0.9, 0.5, 0, 0, 0], np.float32)
+    labels = np.array([2, 1, -1, -1, -1], np.int64)
+    got = det_ops.collect([[boxes, scores, labels, np.array(2)], [boxes * 0, scores * 0, np.full(k, -1), np.array(0)]])
+    assert [len(g["boxes"]) for g in got] == [2, 0] and got[0]["labels"].tolist() == [2, 1]
+    from edgeprune.errors import ExportError
+
+    bad = labels.copy()
+    bad[2] = 0  # a row after num_detections that is not padding (what an uninitialised output looks like)
+    with pytest.raises(ExportError, match="padded contract.*num_detections 2"):
+        det_ops.collect([[boxes, scores, bad, np.array(2)]])
+
+
+@pytest.mark.slow
+def test_detection_without_boxes_gives_no_boxes_on_every_runtime(tmp_path):
+    """An image with no detection: OpenVINO once returned one uninitialised row (an ONNX If with an
+    empty constant, from torchvision's batched NMS); ORT failed on Faster R-CNN's (0, -1) reshape."""
+    from edgeprune.tasks.deploy import compile_artifact, export_task_onnx, load_runner, run_per_image
+
+    model = det_ops.prepare(build("ssdlite320_mobilenet_v3_large", 4), size=(128, 128), score_threshold=0.999).eval()
+    images = torch.rand(2, 3, 128, 128)
+    ref = det_ops.predict(model, images)
+    assert [len(r["boxes"]) for r in ref] == [0, 0]
+    view, names = det_ops.export_view(model)
+    path = export_task_onnx(view, images[:1], tmp_path / "d.onnx", names)
+    for target in (_ort_target(), load_target("intel-cpu-openvino").model_copy(update={"threads": 1})):
+        art = compile_artifact(path, tmp_path / target.name, target=target, precision=Precision.fp32,
+                               calibration=None, kind="SSD")
+        raw = run_per_image(load_runner(art, target), images)
+        assert [r[0].shape for r in raw] == [(det_ops.MAX_DETECTIONS, 4)] * 2  # fixed-size outputs
+        got = det_ops.collect(raw)
+        assert [len(g["boxes"]) for g in got] == [0, 0], target.name
+        cfg = PipelineConfig(tasks={"score_threshold": 0.999}).tasks
+        assert det_ops.parity(ref, got, cfg)["ok"]

@@ -13,20 +13,22 @@ the same shapes; matching logits is distillation in the sense of Ba & Caruana (2
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ExportError
 from .datasets import DetectionData
 from .labels import boxes_to_label_maps
 from .metrics import detection_map
 from .models import submodule, traced_view
 from .parity import detection_parity
 
-OUTPUT_NAMES = ("boxes", "scores", "labels")
+OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
 SIZE_MULTIPLE = 32  # torchvision's transform pads a batch to this multiple
 MAX_DETECTIONS = 100  # boxes kept per image (after NMS)
 
@@ -133,16 +135,83 @@ def label_maps(data: DetectionData) -> torch.Tensor:
     return boxes_to_label_maps(data.boxes, data.labels, size, size)
 
 
-class DetectionExport(nn.Module):
-    """(1, C, H, W) -> boxes (M, 4), scores (M,), labels (M,): the whole detector, NMS included."""
+PAD_LABEL = -1  # label of the padding rows of an exported detector (torchvision's labels start at 1)
 
-    def __init__(self, model: nn.Module):
+
+class DetectionExport(nn.Module):
+    """(1, C, H, W) -> ``boxes`` (K, 4), ``scores`` (K,), ``labels`` (K,), ``num_detections`` (): the whole
+    detector, NMS included, with outputs of a fixed size K = ``max_detections`` (the detector's own cap).
+
+    The first ``num_detections`` rows are the detections in the detector's order; the rest are padding
+    (boxes 0, scores 0, labels -1). A fixed size is what edge runtimes and their buffers want (TensorRT's
+    EfficientNMS plugin has the same contract), and it avoids empty outputs: on an image with no box,
+    OpenVINO's CPU plugin (2025-2026) returned a (1, 4) / (1,) / (1,) row of uninitialised values
+    instead of (0, 4) / (0,) / (0,), which ONNX Runtime returns correctly.
+    """
+
+    def __init__(self, model: nn.Module, max_detections: Optional[int] = None):
         super().__init__()
         self.model = model
+        m: Any = model
+        cap = m.detections_per_img if type(model).__name__ == "SSD" else m.roi_heads.detections_per_img
+        self.k = int(max_detections or cap)
+        if cap > self.k:
+            raise ConfigError(f"the detector keeps up to {cap} boxes per image but the export has room for {self.k}",
+                              hint="set the detector's detections_per_img <= max_detections")
 
     def forward(self, x: torch.Tensor):
-        d = self.model(list(x))[0]
-        return d["boxes"], d["scores"], d["labels"]
+        with export_patches():
+            d = self.model(list(x))[0]
+        boxes, scores, labels = d["boxes"], d["scores"], d["labels"]
+        k = self.k
+        # concatenate K padding rows, keep the first K: a fixed size whatever the number of detections
+        boxes = torch.cat([boxes, boxes.new_zeros((k, 4))])[:k]
+        scores = torch.cat([scores, scores.new_zeros((k,))])[:k]
+        labels = torch.cat([labels, labels.new_full((k,), PAD_LABEL)])[:k]
+        return boxes, scores, labels, (labels != PAD_LABEL).sum()
+
+
+def _batched_nms_without_branch(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
+                                iou_threshold: float) -> torch.Tensor:
+    """torchvision's coordinate-trick batched NMS without its ``if boxes.numel() == 0`` branch.
+
+    Traced, that branch becomes an ONNX ``If`` whose then-branch is an empty int64 constant; OpenVINO's
+    CPU plugin (2026.4) returns it with one uninitialised element instead of none, so an image without
+    candidate boxes came back with a garbage detection. Here the offset is taken over the boxes and one
+    zero (defined when there are no boxes) and ``NonMaxSuppression`` itself handles the empty set.
+    Same selection as torchvision's: per-class offsets larger than the coordinates' range."""
+    from torchvision.ops import nms
+
+    extent = torch.cat([boxes.abs().reshape(-1), boxes.new_zeros(1)]).max()
+    offsets = idxs.to(boxes) * (2 * extent + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def _decode_any_count(self, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+    """torchvision's ``BoxCoder.decode`` with reshapes that stay defined for zero boxes.
+
+    The original reshapes to ``(box_sum, -1)``; traced with ``box_sum`` = 0 that is an ONNX Reshape to
+    ``(0, -1)``, where 0 means "copy the input's dimension" and -1 is then undefined: ONNX Runtime fails
+    on an image whose proposals were all filtered out (Faster R-CNN)."""
+    concat_boxes = torch.cat(boxes, dim=0)
+    cols = rel_codes.shape[-1]
+    pred = self.decode_single(rel_codes.reshape(-1, cols), concat_boxes)
+    return pred.reshape(-1, cols // 4, 4)
+
+
+@contextlib.contextmanager
+def export_patches():
+    """While exporting a detector: torchvision's NMS and box decoding in forms every runtime here runs
+    right on images with no box (see the two functions above). Eager results are unchanged."""
+    from torchvision.models.detection import _utils as det_utils
+    from torchvision.ops import boxes as box_ops
+
+    saved = box_ops.batched_nms, det_utils.BoxCoder.decode
+    box_ops.batched_nms, det_utils.BoxCoder.decode = _batched_nms_without_branch, _decode_any_count  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        box_ops.batched_nms, det_utils.BoxCoder.decode = saved  # type: ignore[method-assign]
 
 
 def export_view(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
@@ -150,9 +219,19 @@ def export_view(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
 
 
 def collect(per_image: list[list]) -> list[dict]:
-    """Per image [boxes, scores, labels] -> per image dicts (labels as long)."""
-    return [{"boxes": torch.from_numpy(b), "scores": torch.from_numpy(s), "labels": torch.from_numpy(lab).long()}
-            for b, s, lab in per_image]
+    """Per image [boxes, scores, labels, num_detections] -> per image dicts of the first
+    ``num_detections`` rows (labels as long); a malformed output is an error, not a guess."""
+    out = []
+    for i, (b, s, lab, num) in enumerate(per_image):
+        n = int(np.asarray(num).reshape(()))
+        if not (0 <= n <= len(b) == len(s) == len(lab)) or np.any(np.asarray(lab)[n:] != PAD_LABEL):
+            raise ExportError(f"image {i}: the detector's outputs break the padded contract (num_detections {n}, "
+                              f"{len(b)} boxes, {len(s)} scores, {len(lab)} labels, padding labels "
+                              f"{sorted(set(np.asarray(lab)[n:].tolist()))[:5]}; expected {PAD_LABEL})")
+        out.append({"boxes": torch.from_numpy(np.asarray(b)[:n].copy()),
+                    "scores": torch.from_numpy(np.asarray(s)[:n].copy()),
+                    "labels": torch.from_numpy(np.asarray(lab)[:n].copy()).long()})
+    return out
 
 
 def prepare_for(model: nn.Module, cfg) -> nn.Module:
