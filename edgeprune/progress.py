@@ -135,6 +135,31 @@ def filter_third_party_noise() -> None:
             logger.addFilter(BelowWarningFilter())
 
 
+def quiet_nncf_progress_off_terminal(stream: Optional[TextIO] = None) -> bool:
+    """NNCF draws rich progress bars (statistics collection, bias correction); off a terminal rich prints
+    each finished bar as a line, a few lines per quantized model in a CI log. Off a terminal, NNCF's
+    ``track`` is created disabled (its iteration is unchanged). Call after importing nncf; returns
+    whether the bars were turned off. Idempotent."""
+    if _is_terminal(stream or sys.stdout):  # rich's console writes to stdout
+        return False
+    try:
+        from nncf.common.logging import track_progress
+    except ImportError:
+        return False
+    cls = track_progress.track
+    if getattr(cls.__init__, "_edgeprune_quiet", False):
+        return True
+    original = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    __init__._edgeprune_quiet = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return True
+
+
 def _is_terminal(stream: TextIO) -> bool:
     try:
         return bool(stream.isatty())

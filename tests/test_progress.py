@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import logging
 
+import pytest
+
 from edgeprune.progress import LineProgress, MessageFilter, filter_third_party_noise, progress_bar
 
 
@@ -90,3 +92,26 @@ def test_nncf_info_chatter_is_dropped_warnings_kept():
         logger.removeHandler(handler)
         logger.setLevel(old)
     assert seen == ["a real warning"]
+
+
+NNCF_TRACK = """
+import sys
+from nncf.common.logging.track_progress import track
+if sys.argv[1] == "quiet":
+    from edgeprune.progress import quiet_nncf_progress_off_terminal
+    assert quiet_nncf_progress_off_terminal()
+assert list(track(range(5), description="Statistics collection")) == list(range(5))
+"""
+
+
+def test_nncf_progress_bars_stay_out_of_a_ci_log():
+    """Off a terminal rich prints each finished NNCF bar as a line; edgeprune turns them off there."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("nncf")
+    out = {mode: subprocess.run([sys.executable, "-c", NNCF_TRACK, mode], capture_output=True, text=True, timeout=120)
+           for mode in ("plain", "quiet")}
+    assert all(r.returncode == 0 for r in out.values()), {m: r.stderr[-500:] for m, r in out.items()}
+    assert "Statistics collection" in out["plain"].stdout  # what a CI log got before
+    assert "Statistics collection" not in out["quiet"].stdout + out["quiet"].stderr

@@ -55,10 +55,12 @@ def _ov():
 
 
 def _nncf():
-    from ..progress import filter_third_party_noise
+    from ..progress import filter_third_party_noise, quiet_nncf_progress_off_terminal
 
     filter_third_party_noise()  # nncf imports torch.utils.cpp_extension, which warns about CUDA_HOME on a CPU box
-    return require("nncf", backend="openvino", package="nncf")
+    nncf = require("nncf", backend="openvino", package="nncf")
+    quiet_nncf_progress_off_terminal()
+    return nncf
 
 
 def device_available(device: str, available: list[str]) -> bool:
