@@ -136,6 +136,10 @@ class Run:
 
     def mark(self, stage: str) -> None:
         self.state.setdefault("done", []).append(stage)
+        self.save()
+
+    def save(self) -> None:
+        """Write the state (config fingerprint, stages done, report so far) for ``--resume``."""
         self.state["report"] = self.report
         atomic_write(self.state_path, json.dumps(self.state, indent=1, default=str))
 

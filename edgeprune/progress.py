@@ -156,7 +156,7 @@ def quiet_nncf_progress_off_terminal(stream: Optional[TextIO] = None) -> bool:
         original(self, *args, **kwargs)
 
     __init__._edgeprune_quiet = True  # type: ignore[attr-defined]
-    cls.__init__ = __init__  # type: ignore[method-assign]
+    cls.__init__ = __init__
     return True
 
 

@@ -337,6 +337,33 @@ def test_run_task_refuses_weights_of_another_model_before_writing_anything(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_task_run_shares_the_run_folder_rules(tmp_path):
+    """Task runs use context.Run: refused weights leave no folder; --resume checks the config it started with."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from edgeprune.config import resolve_targets
+    from edgeprune.context import Run
+
+    cfg = _cfg(tmp_path, "segmentation")
+    bundled = Path(__file__).resolve().parent.parent / "edgeprune" / "assets" / "fmnist_cnn.safetensors"
+    bad = cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": bundled})})
+    cfg_path, out = tmp_path / "seg.yaml", tmp_path / "runs" / "seg"
+    cfg_path.write_text(yaml.safe_dump(bad.model_dump(mode="json")))
+    cmd = [sys.executable, "-m", "edgeprune", "run", "--config", str(cfg_path), "--out", str(out), "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "do not fit LRASPP" in res.stderr
+    assert not out.exists() and not out.with_name("seg.partial").exists()
+
+    Run(cfg, resolve_targets(cfg.targets), out=out).save()  # an unfinished run started with another config
+    cfg_path.write_text(yaml.safe_dump(cfg.model_copy(update={"name": "changed"}).model_dump(mode="json")))
+    res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "config differs" in res.stderr and "name" in res.stderr
+    assert out.with_name("seg.partial").exists()  # the unfinished run is kept
+
+
 # ----------------------------------------------------------------------------- detection export contract
 
 

@@ -148,21 +148,30 @@ def register(app: typer.Typer) -> None:
 
 
 def _run_task(cfg: PipelineConfig, out: Optional[Path], *, resume: bool) -> None:
-    """Segmentation / detection (``task:``): edgeprune.tasks.run_task in ``<run>.partial``, renamed when done."""
-    import os
-
+    """Segmentation / detection (``task:``): edgeprune.tasks.run_task in the run folder of every run
+    (:class:`edgeprune.context.Run`: ``<run>.partial``, refused when it exists, ``--resume`` checked
+    against the config it was started with, renamed when done)."""
+    from ..config import resolve_targets
+    from ..context import Run
     from ..errors import EdgePruneError, GateError
+    from ..preflight import check_device, check_targets
+    from ..safety import check_writable
     from ..tasks import run_task
 
+    targets = resolve_targets(cfg.targets)
+    check_device(cfg.device)
+    check_targets(targets)
     final = Path(out) if out else Path(cfg.output_dir) / cfg.name
-    partial = final.with_name(final.name + ".partial")
-    if final.exists():
-        raise EdgePruneError(f"run directory {final} already exists", hint="choose another --name/--out or remove it")
-    if partial.exists() and not resume:
-        raise EdgePruneError(f"an unfinished run is in {partial}",
-                             hint="pass --resume to continue it, or remove the folder to start over")
-    report = run_task(cfg, partial)  # trains and fine-tunes from its checkpoints when resumed
-    os.replace(partial, final)
+    check_writable(final.parent, "output folder")
+    run = Run(cfg, targets, resume=resume, out=final)
+    run.save()  # the config fingerprint a later --resume is checked against
+    try:
+        report = run_task(cfg, run.dir)  # trains and fine-tunes from its checkpoints when resumed
+    except EdgePruneError:
+        if not any(run.dir.rglob("*.pt")):  # refused before any training: leave nothing behind
+            run.abandon()
+        raise
+    final = run.finish()
     primary = report.get("primary_metric", "metric")
     for a in report.get("artifacts", []):
         value, speedup = a.get("metric", {}).get(primary), a.get("latency", {}).get("speedup")

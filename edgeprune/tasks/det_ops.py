@@ -207,11 +207,11 @@ def export_patches():
     from torchvision.ops import boxes as box_ops
 
     saved = box_ops.batched_nms, det_utils.BoxCoder.decode
-    box_ops.batched_nms, det_utils.BoxCoder.decode = _batched_nms_without_branch, _decode_any_count  # type: ignore[method-assign]
+    box_ops.batched_nms, det_utils.BoxCoder.decode = _batched_nms_without_branch, _decode_any_count
     try:
         yield
     finally:
-        box_ops.batched_nms, det_utils.BoxCoder.decode = saved  # type: ignore[method-assign]
+        box_ops.batched_nms, det_utils.BoxCoder.decode = saved
 
 
 def export_view(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
