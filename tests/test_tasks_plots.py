@@ -88,9 +88,10 @@ def test_detection_plots_are_written_with_many_boxes_cut(tmp_path):
     _assert_pngs(tmp_path, entries)
     assert plots.pick_images(data, 3) == [1, 3, 0]  # images with boxes first, in eval order
     fig, ax = plots._plt().subplots()
-    try:  # image 0: 27 predicted boxes, the 20 best drawn
-        assert plots._draw_boxes(ax, data, 0, base[0], plots._class_colors(4)) == " (27 boxes, top 20 drawn)"
-        assert len(ax.patches) == plots.MAX_BOXES == 20
+    try:  # image 0: MAX_BOXES + 7 predicted boxes, the best MAX_BOXES drawn
+        got = plots._draw_boxes(ax, data, 0, base[0], plots._class_colors(4))
+        assert got == f" ({plots.MAX_BOXES + 7} boxes, top {plots.MAX_BOXES} drawn)"
+        assert len(ax.patches) == plots.MAX_BOXES
         assert plots._draw_boxes(ax, data, 1, None, plots._class_colors(4)) == " (1 boxes)"  # ground truth
     finally:
         plots._plt().close(fig)
@@ -160,3 +161,22 @@ def test_run_task_keeps_its_report_when_a_plot_fails(tmp_path, monkeypatch):
     md = (tmp_path / "report.md").read_text()
     assert "is missing: RuntimeError: no display" in md and f"]({plots.OVERLAYS})" in md
     assert "| cpu-onnxruntime | int8 |" in md  # the table is still there
+
+
+def test_metric_vs_latency_draws_both_points_per_artifact_and_a_floor_above_zero():
+    report = _report("mIoU")
+    fig = plots.metric_vs_latency(report)
+    try:
+        ax = fig.axes[0]
+        assert len(ax.collections) == 2 * len(report["artifacts"])  # pruned and unpruned point per artifact
+        pruned = sorted(tuple(c.get_offsets()[0]) for c in ax.collections[::2])
+        assert pruned == sorted((a["latency"]["p50_ms"]["pruned"], 100 * a["metric"]["mIoU"]) for a in report["artifacts"])
+        assert sorted(line.get_ydata()[0] for line in ax.lines) == pytest.approx([61.0, 62.0])  # floor, unpruned
+    finally:
+        plots._plt().close(fig)
+    report["gate"]["max_metric_drop_pt"] = 100.0  # a floor below 0 bounds nothing: not drawn
+    fig = plots.metric_vs_latency(report)
+    try:
+        assert [line.get_ydata()[0] for line in fig.axes[0].lines] == pytest.approx([62.0])
+    finally:
+        plots._plt().close(fig)

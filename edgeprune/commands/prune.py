@@ -83,8 +83,8 @@ def _inspect_task(t: InspectTarget, *, ignore: list[str], max_layer_ratio: float
         raise ConfigError(f"--ignore {' '.join(ignore)}: the {t.task} pipeline prunes with a fixed set of kept layers "
                           "(listed under 'kept'); --ignore is for classifiers")
     model = build(t.arch, t.num_classes)
-    prepare = get_task(t.task).prepare
-    if t.cfg is not None and prepare is not None:
+    prepare = get_task(t.task).prepare if t.cfg is not None else None  # (imports the task's metric libraries)
+    if prepare is not None:
         model = prepare(model, t.cfg)  # e.g. a detector's input size (a multiple of 32) is checked here
     x = torch.zeros(1, *t.shape)
     try:

@@ -26,7 +26,7 @@ from ..safety import atomic_path
 METRIC_VS_LATENCY = "metric_vs_latency.png"
 OVERLAYS = "overlays.png"
 OVERLAY_IMAGES = 4
-MAX_BOXES = 20  # predicted boxes drawn per image, highest scores first
+MAX_BOXES = 10  # predicted boxes drawn per image, highest scores first
 PRECISION_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
 
 
@@ -99,6 +99,8 @@ def metric_vs_latency(report: dict) -> Any:
         _artifact_points(ax, a, 100 * a["metric"][m], base, color[a["target"]])
     ax.axhline(base, color="grey", lw=0.8, ls=":")
     floor = report.get("gate", {}).get("max_metric_drop_pt")
+    if floor is not None and base - floor <= 0:
+        floor = None  # a floor at or below 0 bounds nothing (and would squash the axis)
     if floor is not None:
         ax.axhline(base - floor, color="tab:red", lw=0.8, ls="--")
     handles = [Line2D([], [], marker="o", ls="", color="k", label="pruned artifact (metric measured on it)"),
