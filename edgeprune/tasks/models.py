@@ -163,7 +163,8 @@ def _fasterrcnn_kept(model: nn.Module) -> dict[str, str]:
     rpn, box = submodule(model, "rpn.head"), submodule(model, "roi_heads.box_predictor")
     anchors = _out(submodule(rpn, "cls_logits"))
     classes = int(cast(nn.Linear, submodule(box, "cls_score")).out_features)
-    return {"backbone.fpn": f"FPN: its {int(cast(int, model.backbone.out_channels))} output channels also feed the RoI "
+    fpn = int(cast(int, getattr(submodule(model, "backbone"), "out_channels")))
+    return {"backbone.fpn": f"FPN: its {fpn} output channels also feed the RoI "
                             "heads, which run outside the traced view",
             "rpn.head": f"RPN head: out channels fixed by the task's anchors = {anchors} anchors per location "
                         f"(objectness) and 4 x {anchors} box deltas",
