@@ -3,6 +3,10 @@
 Coupled groups (channels that must go together) with their member layers, layers that will be
 left alone and why, parameters torch-pruning cannot attribute to a layer, a trace that fails,
 and the MACs/params a prune at ``max_layer_ratio`` would remove at most.
+
+Segmentation / detection models (:func:`inspect_task_model`) are read as the task pipeline prunes
+them: through their traced view (:mod:`edgeprune.tasks.models`), with the layers whose output
+channels the task fixes listed under "kept (fixed by the task)", each with its reason.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class InspectReport:
     min_macs: Optional[int] = None  # after a uniform prune at max_layer_ratio
     min_params: Optional[int] = None
     max_layer_ratio: float = 0.8
+    kept: dict[str, str] = field(default_factory=dict)  # layer -> why the task keeps it whole (task models)
 
     @property
     def prunable(self) -> bool:
@@ -54,6 +59,9 @@ class InspectReport:
                          + (f"; in: {', '.join(g.consumers)}" if g.consumers else ""))
         for name, why in self.skipped.items():
             lines.append(f"  skip {name}: {why}")
+        if self.kept:
+            lines.append(f"kept (fixed by the task): {len(self.kept)}")
+            lines += [f"  {name}: {why}" for name, why in self.kept.items()]
         if self.unwrapped:
             lines.append(f"unwrapped parameters (pruned along their last non-singleton dim): {', '.join(self.unwrapped)}")
         return "\n".join(lines)
@@ -117,4 +125,76 @@ def inspect_model(model: nn.Module, example_inputs: torch.Tensor, *, ignore: tup
     report.unwrapped = graph.unwrapped()
     report.min_macs, report.min_params, report.prune_error = _dry_run(model, example_inputs, max_layer_ratio,
                                                                        tuple(ignore), trace_timeout_s)
+    return report
+
+
+# ----------------------------------------------------------------------------- segmentation / detection
+
+VIEW_PREFIX = "model."  # the traced views of edgeprune.tasks.models hold the model as ``self.model``
+
+
+def _kept_leaves(view: nn.Module, kept: dict[str, str]) -> dict[str, str]:
+    """Each conv / linear inside a kept module (view names) -> the kept module's path."""
+    out = {}
+    for path in kept:
+        for name, m in view.get_submodule(VIEW_PREFIX + path).named_modules():
+            if isinstance(m, PRUNABLE):
+                out[VIEW_PREFIX + path + (f".{name}" if name else "")] = path
+    return out
+
+
+def _unprefixed(g: GroupInfo) -> GroupInfo:
+    def strip(names: tuple) -> tuple:
+        return tuple(n.removeprefix(VIEW_PREFIX) for n in names)
+
+    return replace(g, name=g.name.removeprefix(VIEW_PREFIX), members=strip(g.members), consumers=strip(g.consumers))
+
+
+def _task_skipped(graph: Graph, view: nn.Module, leaves: dict[str, str], groups: list[GroupInfo]) -> dict[str, str]:
+    """Conv / linear layers neither kept nor in a prunable group, and why."""
+    grouped = {VIEW_PREFIX + n for g in groups for n in g.members}
+    out = {}
+    for name, m in view.named_modules():
+        if isinstance(m, PRUNABLE) and name not in leaves and name not in grouped:
+            out[name.removeprefix(VIEW_PREFIX)] = ("coupled with a kept layer" if graph.traced(m)
+                                                   else "not reached by tracing (outside the traced view)")
+    return out
+
+
+def _task_dry_run(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[Optional[int], Optional[int], Optional[str]]:
+    """The task pipeline's own prune step (fixed layers kept) on a copy at ``ratio``."""
+    from .tasks.models import count_macs, prune_once, traced_view
+
+    try:
+        pruned = prune_once(model, x, ratio)
+        macs = count_macs(traced_view(pruned), x)
+    except Exception as exc:  # noqa: BLE001 - torch-pruning raises plain exceptions; reported, not raised
+        return None, None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    return macs, count_macs_params(traced_view(pruned), x)[1], None
+
+
+def inspect_task_model(model: nn.Module, example_inputs: torch.Tensor, *, max_layer_ratio: float = 0.8,
+                       trace_timeout_s: Optional[float] = TRACE_TIMEOUT_S) -> InspectReport:
+    """What the task pipeline's pruner does with a segmentation / detection model: the coupled groups of its
+    traced view, the layers kept whole because the task fixes their output channels (``kept``, with the
+    reasons of :func:`edgeprune.tasks.models.fixed_layer_names`), and a dry-run prune at ``max_layer_ratio``.
+    MACs and parameters are those of the traced view (detection post-processing is not counted)."""
+    from .tasks.models import fixed_layer_names, traced_view
+
+    model = model.eval()
+    view = traced_view(model)
+    macs, params = count_macs_params(view, example_inputs)
+    report = InspectReport(f"{type(model).__name__} (traced view {type(view).__name__})", tuple(example_inputs.shape),
+                           macs, params, max_layer_ratio=max_layer_ratio, kept=fixed_layer_names(model))
+    leaves = _kept_leaves(view, report.kept)
+    try:
+        graph = build_graph(view, example_inputs, timeout_s=trace_timeout_s)
+    except PruneError as exc:
+        report.trace_error = str(exc)
+        return report
+    groups = graph.groups(ignored=list(leaves))  # torch-pruning leaves out every group holding a kept layer
+    report.groups = [_unprefixed(g) for g in groups]
+    report.skipped = _task_skipped(graph, view, leaves, report.groups)
+    report.unwrapped = [n.removeprefix(VIEW_PREFIX) for n in graph.unwrapped()]
+    report.min_macs, report.min_params, report.prune_error = _task_dry_run(model, example_inputs, max_layer_ratio)
     return report

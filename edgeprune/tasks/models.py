@@ -5,8 +5,9 @@ A model is pruned through a *traced view*: a thin module whose forward returns t
 SSD head; ``RPNOut``: the RPN head's objectness and box deltas), so that torch-pruning's
 dependency graph follows every layer that shapes the prediction. The layers whose output channels
 the task fixes (class and box predictors; for Faster R-CNN also the FPN, whose 256 channels feed
-the RoI heads outside the traced view) are returned by :func:`fixed_layers` and passed to the
-pruner as ``ignored_layers``.
+the RoI heads outside the traced view) are listed, each with the reason, by
+:func:`fixed_layer_names` (what ``edgeprune inspect`` prints) and passed to the pruner as
+``ignored_layers`` by :func:`fixed_layers`: one list for both.
 
 Measured here (torch-pruning 1.6.1, torchvision 0.29.1, L1 magnitude, one step): lraspp and
 deeplabv3 reach 2x MACs of the traced view with the class convs kept; ssdlite320 reaches ~1.9x at
@@ -19,7 +20,7 @@ from __future__ import annotations
 import copy
 from math import log as math_log
 from dataclasses import dataclass
-from typing import Callable, Optional, cast
+from typing import Callable, Mapping, Optional, cast
 
 import torch
 from torch import nn
@@ -46,13 +47,20 @@ def build(name: str, num_classes: int) -> nn.Module:
 
 
 def _from_factory(spec: str, num_classes: int) -> nn.Module:
-    import importlib
+    """``package.module:factory(num_classes=...)``, trusted as in :mod:`edgeprune.trust`; torchvision-style
+    ``weights`` / ``weights_backbone`` are set to None (their default backbone weights would be downloaded)."""
+    import inspect
 
-    module, _, attr = spec.partition(":")
+    from ..models import resolve_factory
+
+    factory = resolve_factory(spec)  # refuses untrusted modules before importing them
+    params: Mapping[str, inspect.Parameter]
     try:
-        model = getattr(importlib.import_module(module), attr)(num_classes=num_classes)
-    except (ImportError, AttributeError) as exc:
-        raise UnknownNameError(f"cannot load task model factory {spec!r}: {exc}") from exc
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kwargs: dict = {k: None for k in ("weights", "weights_backbone") if k in params}
+    model = factory(num_classes=num_classes, **kwargs)
     if type(model).__name__ not in FIXED:
         raise PruneError(f"{spec} returned a {type(model).__name__}; task models must be one of {', '.join(FIXED)}")
     return model
@@ -112,42 +120,78 @@ def submodule(model: nn.Module, path: str) -> nn.Module:
     return model
 
 
-def _ssd_predictors(model: nn.Module) -> list[nn.Module]:
-    out = []
-    for head in (submodule(model, "head.classification_head"), submodule(model, "head.regression_head")):
-        # each block: Sequential(depthwise conv block, 1x1 predictor conv)
-        for block in cast(nn.ModuleList, head.module_list):
-            out.append(block[-1] if isinstance(block, nn.Sequential) else block)
+def _out(module: nn.Module) -> int:
+    return int(cast(nn.Conv2d, module).out_channels)
+
+
+def _ssd_predictors(model: nn.Module) -> dict[str, str]:
+    """Each SSD head's 1x1 predictor per feature map: anchors x classes (or x 4 box deltas) channels."""
+    out = {}
+    for kind, what in (("classification", "class"), ("regression", "box")):
+        head = submodule(model, f"head.{kind}_head")
+        cols = int(cast(int, head.num_columns))  # classes, or 4 box deltas
+        for i, block in enumerate(cast(nn.ModuleList, head.module_list)):
+            # each block: Sequential(depthwise conv block, 1x1 predictor conv)
+            last = f".{len(block) - 1}" if isinstance(block, nn.Sequential) else ""
+            path = f"head.{kind}_head.module_list.{i}{last}"
+            n = _out(submodule(model, path))
+            per = "classes" if what == "class" else "box deltas"
+            out[path] = (f"{what} predictor of feature map {i}: out channels fixed by the task = {n // cols} anchors "
+                         f"x {cols} {per}")
     return out
 
 
-def _deeplab_predictors(model: nn.Module) -> list[nn.Module]:
-    aux = cast(Optional[nn.Sequential], model.aux_classifier)
-    return [cast(nn.Sequential, model.classifier)[-1]] + ([aux[-1]] if aux is not None else [])
+def _deeplab_predictors(model: nn.Module) -> dict[str, str]:
+    out = {}
+    for name in ("classifier", "aux_classifier"):
+        head = cast(Optional[nn.Sequential], getattr(model, name))
+        if head is not None:
+            path = f"{name}.{len(head) - 1}"
+            out[path] = (f"{'auxiliary ' if name == 'aux_classifier' else ''}class predictor: out channels fixed by "
+                         f"the task = num_classes ({_out(submodule(model, path))})")
+    return out
 
 
-FIXED: dict[str, Callable[[nn.Module], list[nn.Module]]] = {
-    "LRASPP": lambda m: [submodule(m, "classifier.low_classifier"), submodule(m, "classifier.high_classifier")],
+def _lraspp_predictors(model: nn.Module) -> dict[str, str]:
+    return {f"classifier.{b}_classifier": f"class predictor ({b}-level branch): out channels fixed by the task = "
+                                          f"num_classes ({_out(submodule(model, f'classifier.{b}_classifier'))})"
+            for b in ("low", "high")}
+
+
+def _fasterrcnn_kept(model: nn.Module) -> dict[str, str]:
+    """The FPN is kept for the tracing, not the task: the graph does not reach the RoI heads (module docstring)."""
+    rpn, box = submodule(model, "rpn.head"), submodule(model, "roi_heads.box_predictor")
+    anchors = _out(submodule(rpn, "cls_logits"))
+    classes = int(cast(nn.Linear, submodule(box, "cls_score")).out_features)
+    fpn = int(cast(int, getattr(submodule(model, "backbone"), "out_channels")))
+    return {"backbone.fpn": f"FPN: its {fpn} output channels also feed the RoI "
+                            "heads, which run outside the traced view",
+            "rpn.head": f"RPN head: out channels fixed by the task's anchors = {anchors} anchors per location "
+                        f"(objectness) and 4 x {anchors} box deltas",
+            "roi_heads": f"RoI heads: class and box predictors fixed by the task = num_classes ({classes}) and "
+                         f"4 x {classes} box deltas; run outside the traced view"}
+
+
+# kind -> {module path: why it is kept whole}; the one list both the pruner and ``inspect`` read
+FIXED: dict[str, Callable[[nn.Module], dict[str, str]]] = {
+    "LRASPP": _lraspp_predictors,
     "DeepLabV3": _deeplab_predictors,
     "SSD": _ssd_predictors,
-    "FasterRCNN": lambda m: [submodule(m, "backbone.fpn"), submodule(m, "rpn.head"), submodule(m, "roi_heads")],
+    "FasterRCNN": _fasterrcnn_kept,
 }
 
 
-def fixed_layers(model: nn.Module) -> list[nn.Module]:
-    """Modules whose output channels the task fixes (kept whole by the pruner)."""
+def fixed_layer_names(model: nn.Module) -> dict[str, str]:
+    """``{module path: why it is kept whole}``: the layers whose output channels the task fixes."""
     kind = type(model).__name__
     if kind not in FIXED:
         raise PruneError(f"no fixed-layer rule for {kind}; supported: {', '.join(FIXED)}")
     return FIXED[kind](model)
 
 
-def fixed_layer_names(model: nn.Module) -> dict[str, str]:
-    """``{module name: why it is kept whole}`` for ``inspect`` to print."""
-    names = {id(m): n for n, m in model.named_modules()}
-    why = {"FasterRCNN": "output channels feed the RoI heads outside the traced view, or fixed by the task"}
-    reason = why.get(type(model).__name__, "output channels fixed by the task (class / box predictor)")
-    return {names[id(m)]: reason for m in fixed_layers(model)}
+def fixed_layers(model: nn.Module) -> list[nn.Module]:
+    """Modules whose output channels the task fixes (kept whole by the pruner)."""
+    return [submodule(model, path) for path in fixed_layer_names(model)]
 
 
 def count_macs(view: nn.Module, example: torch.Tensor) -> int:

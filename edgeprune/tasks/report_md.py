@@ -30,4 +30,14 @@ def render(r: dict) -> str:
                      f"{_parity(a['parity'])} | {_f(p50.get('baseline'), 3)} | {_f(p50.get('pruned'), 3)} | "
                      f"{_f(a.get('latency', {}).get('speedup'), 2)} | {'PASS' if a['passed'] else 'FAIL'} |")
     lines += ["", f"Overall gate: {'PASS' if r['gate']['passed'] else 'FAIL'}. Run time {r['seconds']:.0f} s.", ""]
+    lines += _plots(r.get("plots") or [])
     return "\n".join(lines)
+
+
+def _plots(plots: list[dict]) -> list[str]:
+    """Each plot file embedded (paths relative to report.md), or why it is missing."""
+    lines = []
+    for p in plots:
+        lines += [f"![{p['title']}]({p['file']})" if p.get("file") else
+                  f"Plot `{p['name']}` ({p['title']}) is missing: {p.get('error', 'not drawn')}.", ""]
+    return ["## Plots", ""] + lines if lines else []

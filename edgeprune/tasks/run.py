@@ -253,6 +253,10 @@ def run_task(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
         row["path"] = str(Path(row["path"]).resolve().relative_to(out.resolve()))
     report["gate"] = {"max_metric_drop_pt": cfg.tasks.max_metric_drop_pt,
                       "passed": report["torch"]["passed"] and all(r["passed"] for r in report["artifacts"])}
+    from .plots import write_task_plots  # a plot that fails is recorded with its reason, never raised
+
+    report["plots"] = write_task_plots(report, out, data=f.data.eval, ref_base=f.ref_base, ref_pruned=f.ref_pruned,
+                                       preprocessing=cfg.data.preprocessing, ignore_index=cfg.tasks.ignore_index)
     report["seconds"] = time.perf_counter() - t0
     write_report(report, out)
     return report
