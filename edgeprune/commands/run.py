@@ -175,10 +175,14 @@ def _run_task(cfg: PipelineConfig, out: Optional[Path], *, resume: bool) -> None
     primary = report.get("primary_metric", "metric")
     for a in report.get("artifacts", []):
         value, speedup = a.get("metric", {}).get(primary), a.get("latency", {}).get("speedup")
-        typer.echo(f"{a.get('target')} {a.get('precision')}: {primary} {value if value is None else round(value, 4)}"
-                   f" (drop {a.get('drop_pt')} pt), speed-up {speedup if speedup is None else round(speedup, 2)}x: "
+        typer.echo(f"{a.get('target')} {a.get('precision')}: {primary} {_num(value, 4)}"
+                   f" (drop {_num(a.get('drop_pt'), 2)} pt), speed-up {_num(speedup, 2)}x: "
                    f"{'pass' if a.get('passed') else 'FAIL'}")
     typer.echo(f"\nrun directory: {final} (report.md)")
     if cfg.fail_on_gate and not report["gate"]["passed"]:
         raise GateError(f"{cfg.task} run failed its gate (metric drop or parity); report in {final}",
                         hint="see report.md; --no-fail-on-gate exits 0 anyway")
+
+
+def _num(v: Optional[float], digits: int) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
