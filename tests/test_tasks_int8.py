@@ -57,14 +57,14 @@ def test_detector_rung_exclusions_are_merged_with_the_post_processing_float_scop
     assert opts.get("fast_bias_correction") is (True if backend == "openvino" else None)  # forced for detectors
 
 
-def test_rung_layers_missing_from_the_other_model_are_dropped_for_it():
+def test_rung_layers_missing_from_the_other_model_are_dropped_for_it(monkeypatch):
     class B:
-        def quantizable_layers(self, path):
-            return ["/a/Conv", "/b/Conv"]
+        name = "onnxruntime"
 
         def exclude_options(self, layers):
             return {"nodes_to_exclude": list(layers)}
 
+    monkeypatch.setattr(task_int8, "op_names", lambda path, backend: [("/a/Conv", "Conv"), ("/b/Add", "Add")])
     rung = Rung(2, "2 most sensitive layer(s) in float", {"nodes_to_exclude": ["/a/Conv", "/z/Conv"]},
                 ["/a/Conv", "/z/Conv"])
     assert task_int8.for_model(rung, B(), Path("x.onnx")) == {"nodes_to_exclude": ["/a/Conv"]}
@@ -73,8 +73,15 @@ def test_rung_layers_missing_from_the_other_model_are_dropped_for_it():
 
 # ----------------------------------------------------------------------------- rungs
 
+# an LR-ASPP-like graph as OpenVINO names it: backbone convs, then the head (ops outside /model/backbone/)
+HEAD = [(f"/model/classifier/op{i}/Conv", "Convolution") for i in range(14)] + [("/model/classifier/Add", "Add")]
+GRAPH = ([("/model/backbone/b0/Conv", "Convolution"), ("/model/backbone/b0/HardSwish", "HSwish")] + HEAD
+         + [("/model/classifier/Shape", "ShapeOf"), ("/model/classifier/Relu", "Relu"), ("logits", "Interpolate")])
+
 
 class _LadderBackend:
+    name = "openvino"
+
     def int8_rungs(self, target):
         return [("overflow_fix on every layer", {"overflow_fix": "enable"})]
 
@@ -82,27 +89,38 @@ class _LadderBackend:
         return {"ignored_scope": list(layers)}
 
     def quantizable_layers(self, onnx_path):
-        return [f"conv{i}" for i in range(20)]
+        raise AssertionError("rung 2 measures the head ops, not the backend's convolution list")
 
 
-def test_detection_stops_after_rung_1_and_segmentation_ranks_a_capped_set_of_layers():
+def test_head_layers_are_the_quantized_ops_outside_the_backbone_nearest_the_output(monkeypatch):
+    monkeypatch.setattr(task_int8, "op_names", lambda path, backend: GRAPH)
+    head = task_int8.head_layers(Path("m.onnx"), "openvino")
+    assert len(head) == task_int8.MAX_SENSITIVITY_LAYERS and head[-1] == "/model/classifier/Add"
+    assert head == [n for n, _ in HEAD][-task_int8.MAX_SENSITIVITY_LAYERS:]  # no backbone, shape op or Relu
+    assert task_int8.head_layers(Path("m.onnx"), "openvino", cap=2) == ["/model/classifier/op13/Conv",
+                                                                       "/model/classifier/Add"]
+
+
+def test_detection_stops_after_rung_1_and_segmentation_ranks_the_head_ops(monkeypatch):
+    monkeypatch.setattr(task_int8, "op_names", lambda path, backend: GRAPH)
     target = load_target("intel-cpu-openvino")
     rungs, _ = task_int8.task_rungs(_LadderBackend(), target, Path("m.onnx"), "detection", None)
     assert [(r.index, r.name) for r in rungs] == [(0, "host defaults"), (1, "overflow_fix on every layer")]
     measured: list = []
 
-    def error_of(options):  # keeping conv19 in float helps most, then conv0
+    def error_of(options):  # keeping the logits' Add in float helps most, then op13
         measured.append(options)
         layers = options.get("ignored_scope", [])
-        return 1.0 - 0.5 * ("conv19" in layers) - 0.25 * ("conv0" in layers)
+        return 1.0 - 0.5 * ("/model/classifier/Add" in layers) - 0.25 * ("/model/classifier/op13/Conv" in layers)
 
     rungs, ladder = task_int8.task_rungs(_LadderBackend(), target, Path("m.onnx"), "segmentation", error_of)
     got = list(rungs)
     assert [r.index for r in got] == [0, 1, 2, 2, 2]
-    assert len(measured) == 1 + task_int8.MAX_SENSITIVITY_LAYERS  # the reference + the capped layers
+    assert len(measured) == 1 + task_int8.MAX_SENSITIVITY_LAYERS  # the reference + one per head op
     ranked = [n for n, _ in ladder.sensitivity]
-    assert set(ranked) == {"conv0", *(f"conv{i}" for i in range(21 - task_int8.MAX_SENSITIVITY_LAYERS, 20))}
-    assert ranked[:2] == ["conv19", "conv0"] and got[3].excluded == ["conv19", "conv0"]
+    assert ranked[:2] == ["/model/classifier/Add", "/model/classifier/op13/Conv"]
+    assert got[2].excluded == ["/model/classifier/Add"] and got[2].options == {"ignored_scope": ["/model/classifier/Add"]}
+    assert got[3].excluded == ranked[:2]
 
 
 # ----------------------------------------------------------------------------- the climb, on disk

@@ -53,6 +53,20 @@ def export_task_onnx(view: nn.Module, example: torch.Tensor, path: Path, output_
     return path
 
 
+def op_names(onnx_path: Path, backend: str) -> list[tuple[str, str]]:
+    """(name, type) of every op in graph order, as the backend's quantizer names them (OpenVINO: the
+    converted model's friendly names, Parameter / Result / Constant left out; otherwise ONNX nodes)."""
+    if backend == "openvino":
+        import openvino as ov
+
+        ops = ov.convert_model(str(onnx_path)).get_ordered_ops()
+        return [(op.get_friendly_name(), op.get_type_name()) for op in ops
+                if op.get_type_name() not in ("Parameter", "Result", "Constant")]
+    import onnx
+
+    return [(n.name, n.op_type) for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.name]
+
+
 def float_scope(onnx_path: Path, backend: str, kind: str) -> list[str]:
     """Names of the ops to keep in float in an INT8 detector (empty for other models)."""
     from .det_ops import QUANTIZED_PREFIXES
@@ -60,16 +74,7 @@ def float_scope(onnx_path: Path, backend: str, kind: str) -> list[str]:
     keep = QUANTIZED_PREFIXES.get(kind)
     if keep is None:
         return []
-    if backend == "openvino":
-        import openvino as ov
-
-        ops = ov.convert_model(str(onnx_path)).get_ordered_ops()
-        names = [op.get_friendly_name() for op in ops if op.get_type_name() not in ("Parameter", "Result", "Constant")]
-    else:
-        import onnx
-
-        names = [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.name]
-    return [n for n in names if n.startswith("/model/") and not n.startswith(keep)]
+    return [n for n, _ in op_names(onnx_path, backend) if n.startswith("/model/") and not n.startswith(keep)]
 
 
 def merge_options(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -5,11 +5,14 @@ the rungs of :class:`edgeprune.int8_ladder.Int8Ladder` are climbed with :func:`~
 
 rung 0  the host defaults (what a single compile gives)
 rung 1  the backend's ``int8_rungs(target)``, one at a time
-rung 2  segmentation only: the k most sensitive layers in float (k = 1 .. ``max_float_layers`` of the
-        target, default 3), ranked by the per-layer pass (relative L2 error of the logits against the
-        pruned PyTorch model on :data:`SENSITIVITY_IMAGES` calibration images). The pass compiles once
-        per measured layer, so it is capped: it measures the first quantizable layer and the last
-        ``MAX_SENSITIVITY_LAYERS - 1`` (the head, which writes the logits), not the whole backbone.
+rung 2  segmentation only: the k most sensitive ops in float (k = 1 .. ``max_float_layers`` of the
+        target, default 3), ranked by the per-layer pass of :class:`~edgeprune.int8_ladder.Int8Ladder`
+        (relative L2 error of the logits against the pruned PyTorch model on :data:`SENSITIVITY_IMAGES`
+        calibration images, one op left in float per compile). The pass compiles once per measured op,
+        so it measures the segmentation head only (:func:`head_layers`: the ops outside the backbone
+        that a quantizer touches, at most :data:`MAX_SENSITIVITY_LAYERS`, those nearest the output).
+        On the example's LR-ASPP the INT8 loss sits there, in the sum of the two classifier branches'
+        logits (``/model/classifier/Add``), an op a convolution-only pass does not see.
         A detector's first output (boxes) has a data-dependent size, so detection stops after rung 1.
 
 For a detector, each rung's exclusions are merged with the post-processing float scope in
@@ -29,9 +32,10 @@ import numpy as np
 
 from ..config import TargetConfig
 from ..int8_ladder import Attempt, Int8Ladder, Rung, climb, logit_error
+from .deploy import op_names
 
 SENSITIVITY_IMAGES = 8
-MAX_SENSITIVITY_LAYERS = 8
+MAX_SENSITIVITY_LAYERS = 12
 SENSITIVITY_TASKS = ("segmentation",)  # tasks whose first output has a fixed shape (logits)
 ATTEMPTS = "attempts"
 
@@ -48,18 +52,36 @@ def agreement(parity: dict) -> tuple[float, str]:
             "matched boxes / max(reference boxes, compiled boxes)")
 
 
-class _CappedLayers:
-    """A backend whose ``quantizable_layers`` keeps the first layer and the last ``cap - 1``."""
+# op types whose inputs a quantizer quantizes (per the names op_names gives for that backend)
+HEAD_OP_TYPES = {
+    "openvino": ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul", "Add", "Multiply",
+                 "Interpolate", "ReduceMean", "AvgPool"),
+    "onnxruntime": ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Resize", "GlobalAveragePool",
+                    "ReduceMean", "AveragePool"),
+}
+BACKBONE = "/model/backbone/"
 
-    def __init__(self, backend: Any, cap: int):
-        self._backend, self._cap = backend, cap
+
+def head_layers(onnx_path: Path, backend: str, cap: int = MAX_SENSITIVITY_LAYERS) -> list[str]:
+    """The quantized ops of the task head (exported under ``/model/``, outside ``/model/backbone/``) in
+    graph order; when there are more than ``cap``, the last ``cap`` (nearest the output)."""
+    types = HEAD_OP_TYPES.get(backend, HEAD_OP_TYPES["onnxruntime"])
+    names = [n for n, t in op_names(onnx_path, backend)
+             if t in types and n.startswith("/model/") and not n.startswith(BACKBONE)]
+    return names[-cap:] if cap > 0 else []
+
+
+class _HeadLayers:
+    """The backend, with ``quantizable_layers`` = :func:`head_layers` (what rung 2 measures)."""
+
+    def __init__(self, backend: Any):
+        self._backend = backend
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
 
     def quantizable_layers(self, onnx_path: Path) -> list[str]:
-        layers = self._backend.quantizable_layers(onnx_path)
-        return layers if len(layers) <= self._cap else layers[:1] + layers[len(layers) - self._cap + 1:]
+        return head_layers(onnx_path, self._backend.name)
 
 
 def task_rungs(backend: Any, target: TargetConfig, onnx_path: Path, task: str,
@@ -67,8 +89,7 @@ def task_rungs(backend: Any, target: TargetConfig, onnx_path: Path, task: str,
     """The lazy rungs for one target (rung 2 only where ``error_of`` is given and the task allows it)."""
     rung2 = error_of is not None and task in SENSITIVITY_TASKS
     t = target if rung2 else target.model_copy(update={"options": {**target.options, "max_float_layers": 0}})
-    ladder = Int8Ladder(_CappedLayers(backend, MAX_SENSITIVITY_LAYERS), t, onnx_path,
-                        error_of or (lambda options: float("nan")))
+    ladder = Int8Ladder(_HeadLayers(backend), t, onnx_path, error_of or (lambda options: float("nan")))
     return ladder.rungs(), ladder
 
 
@@ -140,5 +161,5 @@ def for_model(rung: Rung, backend: Any, onnx_path: Path) -> dict[str, Any]:
     against the shipped artifact): layers kept in float that this model does not have are dropped."""
     if not rung.excluded:
         return dict(rung.options)
-    present = set(backend.quantizable_layers(onnx_path))
+    present = {n for n, _ in op_names(onnx_path, backend.name)}
     return {**rung.options, **backend.exclude_options([n for n in rung.excluded if n in present])}

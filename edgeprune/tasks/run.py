@@ -15,6 +15,8 @@ Run folder::
 Gates (each artifact and the PyTorch student): the primary metric (mIoU or mAP@0.5) may fall by at
 most ``tasks.max_metric_drop_pt`` points from the unpruned PyTorch model; FP32 artifacts must also
 pass output parity against the pruned PyTorch model (INT8 parity is reported, its metric judged).
+An INT8 artifact that fails climbs the recovery ladder (:mod:`edgeprune.tasks.int8`) before it is
+reported as failed; its row records the attempts under ``int8_ladder``.
 User data is read and validated before the run folder is created.
 """
 from __future__ import annotations
