@@ -8,7 +8,7 @@
 - Compile: the existing backends (:func:`edgeprune.backends.get_backend`). For detection INT8, the
   post-processing (every op outside the backbone and the heads, see
   :data:`edgeprune.tasks.det_ops.QUANTIZED_PREFIXES`) is kept in float: ORT ``nodes_to_exclude``,
-  NNCF ``ignored_scope``.
+  NNCF ``ignored_scope``, merged with an INT8 ladder rung's own exclusions (:mod:`edgeprune.tasks.int8`).
 - Run: the backends' own runners return the first output only, so the artifact is run here with
   the same runtime session / compiled model, returning every output in order.
 """
@@ -19,7 +19,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -53,6 +53,20 @@ def export_task_onnx(view: nn.Module, example: torch.Tensor, path: Path, output_
     return path
 
 
+def op_names(onnx_path: Path, backend: str) -> list[tuple[str, str]]:
+    """(name, type) of every op in graph order, as the backend's quantizer names them (OpenVINO: the
+    converted model's friendly names, Parameter / Result / Constant left out; otherwise ONNX nodes)."""
+    if backend == "openvino":
+        import openvino as ov
+
+        ops = ov.convert_model(str(onnx_path)).get_ordered_ops()
+        return [(op.get_friendly_name(), op.get_type_name()) for op in ops
+                if op.get_type_name() not in ("Parameter", "Result", "Constant")]
+    import onnx
+
+    return [(n.name, n.op_type) for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.name]
+
+
 def float_scope(onnx_path: Path, backend: str, kind: str) -> list[str]:
     """Names of the ops to keep in float in an INT8 detector (empty for other models)."""
     from .det_ops import QUANTIZED_PREFIXES
@@ -60,30 +74,35 @@ def float_scope(onnx_path: Path, backend: str, kind: str) -> list[str]:
     keep = QUANTIZED_PREFIXES.get(kind)
     if keep is None:
         return []
-    if backend == "openvino":
-        import openvino as ov
+    return [n for n, _ in op_names(onnx_path, backend) if n.startswith("/model/") and not n.startswith(keep)]
 
-        ops = ov.convert_model(str(onnx_path)).get_ordered_ops()
-        names = [op.get_friendly_name() for op in ops if op.get_type_name() not in ("Parameter", "Result", "Constant")]
-    else:
-        import onnx
 
-        names = [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.name]
-    return [n for n in names if n.startswith("/model/") and not n.startswith(keep)]
+def merge_options(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` on top of ``base``; list values (names kept in float) are united, ``base``'s first."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, (list, tuple)) and isinstance(out.get(key), (list, tuple)):
+            out[key] = list(dict.fromkeys([*out[key], *value]))
+        else:
+            out[key] = value
+    return out
 
 
 def compile_artifact(onnx_path: Path, out_dir: Path, *, target: TargetConfig, precision: Precision,
-                     calibration: Optional[np.ndarray], kind: str) -> CompiledArtifact:
+                     calibration: Optional[np.ndarray], kind: str,
+                     overrides: Optional[dict[str, Any]] = None) -> CompiledArtifact:
+    """Compile one artifact. INT8: ``overrides`` (an INT8 ladder rung's options) on top of the target's
+    options, and for a detector the post-processing float scope merged into the rung's exclusions."""
     backend = get_backend(target.backend.value)
     if precision == Precision.int8:
-        options = dict(target.options)
+        options = merge_options(target.options, overrides or {})
         names = float_scope(onnx_path, backend.name, kind)
         if names:
             exclude = getattr(backend, "exclude_options", None)
             if exclude is None:
                 raise CompileError(f"INT8 {kind} on {backend.name} needs ops kept in float, and the backend has no "
                                    "exclude_options", hint="use an onnxruntime or openvino target")
-            options.update(exclude(names))
+            options = merge_options(options, exclude(names))
         if names and backend.name == "openvino":
             # torchvision's batched NMS is scripted into an ONNX If; NNCF's full BiasCorrection refuses
             # models with If ("not supported for OpenVINO models with If operation"), the fast one runs

@@ -15,6 +15,8 @@ Run folder::
 Gates (each artifact and the PyTorch student): the primary metric (mIoU or mAP@0.5) may fall by at
 most ``tasks.max_metric_drop_pt`` points from the unpruned PyTorch model; FP32 artifacts must also
 pass output parity against the pruned PyTorch model (INT8 parity is reported, its metric judged).
+An INT8 artifact that fails climbs the recovery ladder (:mod:`edgeprune.tasks.int8`) before it is
+reported as failed; its row records the attempts under ``int8_ladder``.
 User data is read and validated before the run folder is created.
 """
 from __future__ import annotations
@@ -128,13 +130,15 @@ def _calibration(data: Split, target: TargetConfig) -> np.ndarray:
     return data.train.images[:CALIBRATION_IMAGES].numpy().astype(np.float32)
 
 
-def check_artifact(cfg, ops, target, precision, onnx_path, out, data, ref, base_metric, kind) -> dict:
-    """Compile one artifact, run it on the eval images: metric, parity, gate."""
+def check_artifact(cfg, ops, target, precision, onnx_path, out, data, ref, base_metric, kind,
+                   overrides: Optional[dict] = None) -> dict:
+    """Compile one artifact (INT8: with a ladder rung's option ``overrides``), run it on the eval
+    images: metric, parity, gate."""
     from .deploy import compile_artifact, load_runner, run_per_image
 
     art = compile_artifact(onnx_path, out, target=target, precision=precision,
                            calibration=_calibration(data, target) if precision == Precision.int8 else None,
-                           kind=kind)
+                           kind=kind, overrides=overrides)
     got = ops.collect(run_per_image(load_runner(art, target), data.eval.images))
     metric = ops.metric(got, data.eval, ignore_index=cfg.tasks.ignore_index)
     parity = ops.parity(ref, got, cfg.tasks, strict=precision == Precision.fp32)
@@ -156,8 +160,9 @@ def _bench(cfg: PipelineConfig, target: TargetConfig, arts: dict, image: torch.T
 
 
 def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_metric) -> list[dict]:
-    """Export both models; per target and precision: check the pruned artifact, time it against the
-    unpruned one (``bench.baseline``)."""
+    """Export both models; per target and precision: check the pruned artifact (INT8: climb the recovery
+    ladder while it fails its gate), time it against the unpruned one (``bench.baseline``), compiled
+    with the same settings (INT8: the shipped rung's)."""
     from .deploy import compile_artifact, export_task_onnx
 
     onnx = {}
@@ -165,21 +170,82 @@ def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_met
         view, names = ops.export_view(m)
         onnx[name] = export_task_onnx(view, data.eval.images[:1], out / file, names, opset=cfg.export.opset)
     kind = type(model).__name__
+    torch_drop = metric_drop_pt(base_metric, ops.metric(ref_pruned, data.eval,
+                                                        ignore_index=cfg.tasks.ignore_index)[ops.primary])
     rows = []
     for target in resolve_targets(cfg.targets):
         for precision in target.precisions:
             where = out / "artifacts" / target.name / precision.value
             _log(f"compile + check {target.name} {precision.value}")
-            row = check_artifact(cfg, ops, target, precision, onnx["pruned"], where / "pruned", data, ref_pruned,
-                                 base_metric, kind)
+            overrides = None
+            if precision == Precision.int8:
+                row, overrides = check_int8(cfg, ops, target, onnx, where, data, (pruned, ref_pruned), base_metric,
+                                            kind, torch_drop)
+            else:
+                row = check_artifact(cfg, ops, target, precision, onnx["pruned"], where / "pruned", data, ref_pruned,
+                                     base_metric, kind)
             arts = {"pruned": row.pop("artifact")}
             if cfg.bench.baseline:
                 cal = _calibration(data, target) if precision == Precision.int8 else None
                 arts["baseline"] = compile_artifact(onnx["baseline"], where / "baseline", target=target,
-                                                    precision=precision, calibration=cal, kind=kind)
+                                                    precision=precision, calibration=cal, kind=kind,
+                                                    overrides=overrides)
             row["latency"] = _bench(cfg, target, arts, data.eval.images[:1])
             rows.append(row)
     return rows
+
+
+def check_int8(cfg, ops, target, onnx: dict, where: Path, data: Split, pruned_ref, base_metric, kind,
+               torch_drop: float) -> tuple[dict, dict]:
+    """The INT8 recovery ladder (:mod:`edgeprune.tasks.int8`) for the pruned model: the shipped row in
+    ``where/pruned`` (with ``int8_ladder``), and the shipped rung's options for the unpruned model."""
+    import tempfile
+
+    from ..backends import get_backend
+    from ..int8_ladder import Rung
+    from .int8 import climb_task, for_model, task_rungs
+
+    pruned, ref = pruned_ref
+    backend = get_backend(target.backend.value)
+
+    def check(rung: Rung, out_dir: Path) -> dict:
+        row = check_artifact(cfg, ops, target, Precision.int8, onnx["pruned"], out_dir, data, ref, base_metric, kind,
+                             overrides=rung.options)
+        _log(f"  {target.name} int8 rung {rung.index} ({rung.name}): {ops.primary} drop {row['drop_pt']:.2f} pt "
+             f"-> {'pass' if row['passed'] else 'fail'}")
+        return row
+
+    home = where / "pruned"
+    if torch_drop > cfg.tasks.max_metric_drop_pt:
+        why = (f"the pruned PyTorch model is already {torch_drop:.2f} pt below the unpruned one (gate "
+               f"{cfg.tasks.max_metric_drop_pt} pt): INT8 settings cannot recover that")
+        row = climb_task(check, iter([Rung(0, "host defaults")]), home, not_climbed=why)
+    else:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=where, prefix=".sensitivity-") as tmp:
+            probe = _sensitivity_probe(ops, target, onnx["pruned"], data, pruned, kind, Path(tmp))
+            rungs, ladder = task_rungs(backend, target, onnx["pruned"], ops.name, probe)
+            row = climb_task(check, rungs, home, ladder=ladder)
+    rec = row["int8_ladder"]
+    shipped = Rung(rec["shipped_rung"], rec["shipped"], rec["options"], rec["excluded"])
+    return row, for_model(shipped, backend, onnx["baseline"])
+
+
+def _sensitivity_probe(ops, target, onnx_path: Path, data: Split, pruned: nn.Module, kind: str, tmp: Path):
+    """``error_of(options)`` for rung 2 (segmentation only): logit error on a few calibration images."""
+    from .deploy import compile_artifact, load_runner
+    from .int8 import SENSITIVITY_IMAGES, SENSITIVITY_TASKS, error_probe
+
+    if ops.name not in SENSITIVITY_TASKS:
+        return None
+    images = data.train.images[:SENSITIVITY_IMAGES]
+    reference = ops.predict(pruned, images).numpy()  # (N, K, H, W)
+
+    def compile_fn(options: dict, out_dir: Path):
+        art = compile_artifact(onnx_path, out_dir, target=target, precision=Precision.int8,
+                               calibration=_calibration(data, target), kind=kind, overrides=options)
+        return load_runner(art, target)
+    return error_probe(compile_fn, images.numpy().astype(np.float32), reference, tmp)
 
 
 def _check_config(cfg: PipelineConfig) -> TaskOps:
