@@ -273,6 +273,8 @@ def test_run_task_segmentation_end_to_end(tmp_path):
     assert row["precision"] == "fp32" and row["parity"]["ok"] and row["parity"]["pixel_agreement"] >= 0.99
     assert row["metric"]["mIoU"] == pytest.approx(report["torch"]["pruned"]["mIoU"], abs=0.01)
     assert row["latency"]["p50_ms"]["pruned"] > 0 and row["latency"]["p50_ms"]["baseline"] > 0
+    # the unpruned artifact is evaluated too: FP32 on ORT matches the unpruned PyTorch model
+    assert row["baseline"]["metric"]["mIoU"] == pytest.approx(report["torch"]["baseline"]["mIoU"], abs=0.01)
     for f in ("report.json", "report.md", "model.onnx", "baseline.onnx", "scores.json", "finetune/last.pt"):
         assert (out / f).is_file(), f
     assert "| ort-fp32 | fp32 |" in (out / "report.md").read_text()

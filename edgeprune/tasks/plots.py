@@ -2,8 +2,8 @@
 
 - ``metric_vs_latency.png``: the primary metric (mIoU or mAP@0.5) against p50 latency, one pruned
   point per target / precision (its metric measured on the compiled artifact) and the unpruned
-  artifact of the same target / precision (its p50; its metric is the unpruned PyTorch model's,
-  the unpruned artifacts are timed but not evaluated), with the gate's floor.
+  artifact of the same target / precision (its p50 and its metric, measured on it; the unpruned
+  PyTorch model's metric where an older report has none), with the gate's floor.
 - ``overlays.png``: a few eval images (those with defects first), each as [image + ground truth,
   unpruned prediction, pruned prediction] of the PyTorch models: class masks over the image for
   segmentation, labelled boxes with scores for detection.
@@ -96,7 +96,8 @@ def metric_vs_latency(report: dict) -> Any:
     color = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(targets)}
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for a in rows:
-        _artifact_points(ax, a, 100 * a["metric"][m], base, color[a["target"]])
+        before = a.get("baseline", {}).get("metric", {}).get(m)  # measured on the unpruned artifact
+        _artifact_points(ax, a, 100 * a["metric"][m], base if before is None else 100 * before, color[a["target"]])
     ax.axhline(base, color="grey", lw=0.8, ls=":")
     floor = report.get("gate", {}).get("max_metric_drop_pt")
     if floor is not None and base - floor <= 0:
@@ -105,7 +106,7 @@ def metric_vs_latency(report: dict) -> Any:
         ax.axhline(base - floor, color="tab:red", lw=0.8, ls="--")
     handles = [Line2D([], [], marker="o", ls="", color="k", label="pruned artifact (metric measured on it)"),
                Line2D([], [], marker="o", ls="", mfc="none", color="k",
-                      label="unpruned artifact (p50; metric of the unpruned PyTorch model)"),
+                      label="unpruned artifact (metric measured on it)"),
                Line2D([], [], color="grey", ls=":", label=f"unpruned PyTorch {m}")]
     if floor is not None:
         handles.append(Line2D([], [], color="tab:red", ls="--", label=f"gate floor (-{floor:g} pt)"))

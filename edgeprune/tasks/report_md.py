@@ -27,11 +27,12 @@ def render(r: dict) -> str:
              f"{pr['params_after']:,}.", "",
              f"PyTorch {m}: {_f(t['baseline'][m])} -> {_f(t['pruned'][m])} (drop {t['drop_pt']:.2f} pt, "
              f"{'PASS' if t['passed'] else 'FAIL'}; allowed {r['gate']['max_metric_drop_pt']} pt).", "",
-             f"| target | precision | {m} | drop (pt) | parity | p50 baseline ms | p50 pruned ms | speed-up | INT8 rung | gate |",
+             f"| target | precision | {m} unpruned -> pruned artifact | drop (pt) | parity | p50 baseline ms | p50 pruned ms | speed-up | INT8 rung | gate |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for a in r["artifacts"]:
         p50 = a.get("latency", {}).get("p50_ms", {})
-        lines.append(f"| {a['target']} | {a['precision']} | {_f(a['metric'][m])} | {a['drop_pt']:.2f} | "
+        before = a.get("baseline", {}).get("metric", {}).get(m)
+        lines.append(f"| {a['target']} | {a['precision']} | {_f(before)} -> {_f(a['metric'][m])} | {a['drop_pt']:.2f} | "
                      f"{_parity(a['parity'])} | {_f(p50.get('baseline'), 3)} | {_f(p50.get('pruned'), 3)} | "
                      f"{_f(a.get('latency', {}).get('speedup'), 2)} | {_rung(a)} | {'PASS' if a['passed'] else 'FAIL'} |")
     lines += ["", f"Overall gate: {'PASS' if r['gate']['passed'] else 'FAIL'}. Run time {r['seconds']:.0f} s.", ""]

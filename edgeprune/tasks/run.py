@@ -148,6 +148,14 @@ def check_artifact(cfg, ops, target, precision, onnx_path, out, data, ref, base_
             "passed": bool(parity["ok"] and drop <= cfg.tasks.max_metric_drop_pt)}
 
 
+def _artifact_metric(cfg: PipelineConfig, ops: TaskOps, artifact, target: TargetConfig, data: Split) -> dict:
+    """The task metric of a compiled artifact on the eval images (the unpruned one's: "before" per target)."""
+    from .deploy import load_runner, run_per_image
+
+    got = ops.collect(run_per_image(load_runner(artifact, target), data.eval.images))
+    return ops.metric(got, data.eval, ignore_index=cfg.tasks.ignore_index)
+
+
 def _bench(cfg: PipelineConfig, target: TargetConfig, arts: dict, image: torch.Tensor) -> dict:
     """p50 of each artifact, interleaved, on one real eval image (1, C, H, W): a detector's NMS time
     depends on how many boxes the image gives."""
@@ -190,6 +198,7 @@ def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_met
                 arts["baseline"] = compile_artifact(onnx["baseline"], where / "baseline", target=target,
                                                     precision=precision, calibration=cal, kind=kind,
                                                     overrides=overrides)
+                row["baseline"] = {"metric": _artifact_metric(cfg, ops, arts["baseline"], target, data)}
             row["latency"] = _bench(cfg, target, arts, data.eval.images[:1])
             rows.append(row)
     return rows
