@@ -152,6 +152,8 @@ def _artifact_metric(cfg: PipelineConfig, ops: TaskOps, artifact, target: Target
     """The task metric of a compiled artifact on the eval images (the unpruned one's: "before" per target)."""
     from .deploy import load_runner, run_per_image
 
+    if ops.collect is None:
+        raise ConfigError(f"task {ops.name!r} cannot read a compiled artifact's outputs; valid: segmentation, detection")
     got = ops.collect(run_per_image(load_runner(artifact, target), data.eval.images))
     return ops.metric(got, data.eval, ignore_index=cfg.tasks.ignore_index)
 
