@@ -112,6 +112,25 @@ def test_step_without_speedup_is_rolled_back_and_group_marked(tiny_model, confir
     assert current_channels(tiny_model, "head.0") == 32  # the caller's model is untouched
 
 
+def test_anchored_confirm_error_cancels_a_table_measured_at_another_level(tiny_model):
+    """A right table whose level is off (measured under other load, or read from the cache): the error at
+    the table's level is that offset; the anchored error the search acts on is ~0."""
+    timer = FakeTimer({"head.0": 0.01})  # 1.32 ms unpruned; -0.01 ms per head.0 channel
+    groups = prunable_groups(tiny_model, X)
+    full = {g.name: g.channels for g in groups}
+    deltas = {g: {} for g in full}
+    deltas["head.0"] = {16: -0.16, 8: -0.24}
+    shifted = LatencyTable({"test": True}, 1.32 + 0.5, full, deltas)  # the same deltas, base 0.5 ms too high
+    settings = SearchSettings(budget_ms=1.16, round_to=8, confirm_every=1, tolerance=0.0)
+    res = latency_search(tiny_model, X, groups=groups, lut=shifted, measure=timer,
+                         scores=normalized_scores(tiny_model, None), settings=settings, progress=False)
+    assert res.met and res.confirm_error["n"] >= 1
+    assert res.confirm_error["mape_pct"] > 30  # 0.5 ms over ~1.2 ms
+    assert res.confirm_error_anchored["n"] == res.confirm_error["n"]
+    assert res.confirm_error_anchored["max_ape_pct"] < 1e-6
+    assert res.to_dict()["confirm_error_anchored"] == res.confirm_error_anchored
+
+
 @pytest.mark.slow
 def test_search_meets_budget_with_sae_mi_scores(tiny_model, tiny_data, tmp_path):
     from edgeprune.scoring import score_model

@@ -66,6 +66,8 @@ class LatencySearchResult:
     lut: dict[str, Any] = field(default_factory=dict)  # base, deltas, key, cache flag
     criterion: str = "sae-mi"
     seconds: float = 0.0
+    # what the search acts on: the last measured point plus the table's change since, vs the measurement
+    confirm_error_anchored: dict[str, Any] = field(default_factory=dict)
 
     @property
     def groups_cut(self) -> dict[str, tuple[int, int]]:
@@ -88,7 +90,8 @@ class LatencySearchResult:
                 "params_before": self.params_before, "params_after": self.params_after,
                 "plan_before": self.plan_before, "plan_after": self.plan_after,
                 "groups_cut": {g: list(v) for g, v in self.groups_cut.items()}, "blocked": self.blocked,
-                "lut_error": self.lut_error, "confirm_error": self.confirm_error, "lut": self.lut,
+                "lut_error": self.lut_error, "confirm_error": self.confirm_error,
+                "confirm_error_anchored": self.confirm_error_anchored, "lut": self.lut,
                 "seconds": self.seconds, "trajectory": [asdict(s) for s in self.trajectory]}
 
     def plot(self, path: Path) -> Path:
@@ -195,6 +198,7 @@ class _Search:
         self.blocked: dict[str, str] = {}
         self.mult: dict[str, int] = {}  # group -> cut multiplier after cuts that were not faster
         self.confirmations: list[tuple[float, float]] = []
+        self.anchored: list[tuple[float, float]] = []  # (anchored prediction, measured) per confirmation
         self.every = settings.confirm_every
 
     # ------------------------------------------------------------------ one step
@@ -223,10 +227,12 @@ class _Search:
         return True
 
     def confirm(self) -> None:
+        anchored = self.anchored_prediction()
         ms = float(self.measure(self.state.model))
         last = self.pending[-1]
         last.measured_ms = ms
         self.confirmations.append((last.predicted_ms, ms))
+        self.anchored.append((anchored, ms))
         if ms < self.anchor.measured_ms:
             if hasattr(self.measure, "absolute"):  # A/B decided; the level for the budget: a longer, unpaired run
                 ms = last.measured_ms = float(self.measure.absolute(self.state.model))
@@ -294,7 +300,7 @@ def latency_search(model: nn.Module, example: torch.Tensor, *, groups: list[Grou
         final_ms=final.measured_ms, met=search.met(final.measured_ms), trajectory=search.trajectory,
         blocked=search.blocked, plan_before={g.name: g.channels for g in groups}, plan_after=dict(final.plan),
         macs_before=macs0, macs_after=macs1, params_before=params0, params_after=params1, lut_error=lut.error,
-        confirm_error=error_stats(search.confirmations),
+        confirm_error=error_stats(search.confirmations), confirm_error_anchored=error_stats(search.anchored),
         lut={"base_ms": lut.base_ms, "from_cache": lut.from_cache, "measurements": lut.measurements,
              "seconds": lut.seconds, "key": lut.key, "full": lut.full,
              "deltas": {g: {str(c): v for c, v in t.items()} for g, t in lut.deltas.items()},
