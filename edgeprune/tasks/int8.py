@@ -13,7 +13,8 @@ rung 2  segmentation only: the k most sensitive ops in float (k = 1 .. ``max_flo
         that a quantizer touches, at most :data:`MAX_SENSITIVITY_LAYERS`, those nearest the output).
         On the example's LR-ASPP the INT8 loss sits there, in the sum of the two classifier branches'
         logits (``/model/classifier/Add``), an op a convolution-only pass does not see.
-        A detector's first output (boxes) has a data-dependent size, so detection stops after rung 1.
+        A detector's outputs are boxes after NMS (padded to a fixed size): their L2 error jumps
+        whenever NMS keeps another set, which ranks nothing, so detection stops after rung 1.
 
 For a detector, each rung's exclusions are merged with the post-processing float scope in
 :func:`edgeprune.tasks.deploy.compile_artifact`. Every attempt compiles into its own folder under
@@ -36,7 +37,7 @@ from .deploy import op_names
 
 SENSITIVITY_IMAGES = 8
 MAX_SENSITIVITY_LAYERS = 12
-SENSITIVITY_TASKS = ("segmentation",)  # tasks whose first output has a fixed shape (logits)
+SENSITIVITY_TASKS = ("segmentation",)  # tasks whose first output varies smoothly with the weights (logits)
 ATTEMPTS = "attempts"
 
 # (rung, out_dir) -> the row of check_artifact (with "passed", "drop_pt", "parity", "path", "artifact")
