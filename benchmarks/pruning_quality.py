@@ -426,8 +426,9 @@ def paired_table(rows: list[dict]) -> list[str]:
 MAX_DROP_2X = 0.5  # pt, issue 12: 2x MACs with the default fine-tuning
 
 
-def goal_checks(rows: list[dict], compare: str) -> list[tuple[str, bool]]:
-    """The issue's goals for ``compare`` in every target of one model: (text, met)."""
+def goal_checks(rows: list[dict], compare: str) -> list[tuple[str, Optional[bool]]]:
+    """The issue's goals for ``compare`` in every target of one model: (text, met); met is None when
+    the cells cannot judge it (a spread needs two seeds)."""
     out = []
     for tgt in sorted({c["target_macs_reduction"] for c in rows}):
         mine = _by_seed(rows, compare, tgt)
@@ -444,8 +445,12 @@ def goal_checks(rows: list[dict], compare: str) -> list[tuple[str, bool]]:
         d = paired_diff(mine, rand)
         if d:
             sd = max(d["sd"], mean_sd([mine[s] for s in d["seeds"]])[1], mean_sd([rand[s] for s in d["seeds"]])[1])
-            out.append((f"{tgt:g}x: {compare} > random by more than the seed sd ({sd:.2f} pt, the largest of either "
-                        f"criterion's and the paired sd): paired {_fmt_d(d)} pt", d["mean"] > sd))
+            text = (f"{tgt:g}x: {compare} > random by more than the seed sd ({sd:.2f} pt, the largest of either "
+                    f"criterion's and the paired sd): paired {_fmt_d(d)} pt")
+            if d["n"] < 2:  # one seed: no sd to exceed
+                out.append((text + " (one seed: the sd is not estimated)", None))
+            else:
+                out.append((text, d["mean"] > sd))
         if tgt == 2.0:
             drop = mean_sd([c["drop_pt"] for c in rows if _label(c) == compare and c["target_macs_reduction"] == tgt])[0]
             out.append((f"2x: {compare} drop {drop:.2f} pt <= {MAX_DROP_2X} pt", drop <= MAX_DROP_2X))
@@ -457,7 +462,8 @@ def goals(rows: list[dict], compare: str) -> list[str]:
     checks = goal_checks(rows, compare)
     if not checks:
         return [f"Goals: no cells of {compare} yet."]
-    return ["Goals (issue 12):", ""] + [f"- {text}: {'met' if ok else 'NOT met'}" for text, ok in checks]
+    verdict = {True: "met", False: "NOT met", None: "not judged"}
+    return ["Goals (issue 12):", ""] + [f"- {text}: {verdict[ok]}" for text, ok in checks]
 
 
 def machine() -> str:

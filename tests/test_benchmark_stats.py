@@ -71,6 +71,9 @@ def test_goal_checks_pair_by_seed_against_best_non_sae_and_random():
     assert summary.index("| sae-mi |") < summary.index("| sae |")
     rows = [c for c in rows if c["criterion"] != "random"] + _cells("vgg", "random", [0.915, 0.916, 0.914])
     assert [ok for text, ok in pq.goal_checks(rows, "sae-mi") if "> random" in text] == [True]
+    one = [c for c in rows if c["seed"] == 0]  # one seed: the spread is unknown, so "> random" is not judged
+    assert [ok for text, ok in pq.goal_checks(one, "sae-mi") if "> random" in text] == [None]
+    assert "not judged" in "\n".join(pq.goals(one, "sae-mi"))
     table = "\n".join(pq.paired_table(rows))
     assert "| 2x | sae-mi | l1 | +0.20 ± 0.10 (n=3) |" in table
 
