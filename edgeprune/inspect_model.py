@@ -163,14 +163,14 @@ def _task_skipped(graph: Graph, view: nn.Module, leaves: dict[str, str], groups:
 
 def _task_dry_run(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[Optional[int], Optional[int], Optional[str]]:
     """The task pipeline's own prune step (fixed layers kept) on a copy at ``ratio``."""
-    from .tasks.models import count_macs, prune_once, traced_view
+    from .tasks.models import prune_once, traced_view
 
     try:
         pruned = prune_once(model, x, ratio)
-        macs = count_macs(traced_view(pruned), x)
+        macs, params = count_macs_params(traced_view(pruned), x)
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises plain exceptions; reported, not raised
         return None, None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-    return macs, count_macs_params(traced_view(pruned), x)[1], None
+    return macs, params, None
 
 
 def inspect_task_model(model: nn.Module, example_inputs: torch.Tensor, *, max_layer_ratio: float = 0.8,

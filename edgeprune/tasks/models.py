@@ -195,10 +195,9 @@ def fixed_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def count_macs(view: nn.Module, example: torch.Tensor) -> int:
-    import torch_pruning as tp
+    from ..prune import count_macs_params
 
-    macs, _ = tp.utils.count_ops_and_params(view, example)
-    return int(macs)
+    return count_macs_params(view, example)[0]
 
 
 def prune_once(model: nn.Module, example: torch.Tensor, ratio: float, importance=None,
