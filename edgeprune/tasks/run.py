@@ -134,13 +134,12 @@ def check_artifact(cfg, ops, target, precision, onnx_path, out, data, ref, base_
                    overrides: Optional[dict] = None) -> dict:
     """Compile one artifact (INT8: with a ladder rung's option ``overrides``), run it on the eval
     images: metric, parity, gate."""
-    from .deploy import compile_artifact, load_runner, run_per_image
+    from .deploy import compile_artifact
 
     art = compile_artifact(onnx_path, out, target=target, precision=precision,
                            calibration=_calibration(data, target) if precision == Precision.int8 else None,
                            kind=kind, overrides=overrides)
-    got = ops.collect(run_per_image(load_runner(art, target), data.eval.images))
-    metric = ops.metric(got, data.eval, ignore_index=cfg.tasks.ignore_index)
+    got, metric = _artifact_metric(cfg, ops, art, target, data)
     parity = ops.parity(ref, got, cfg.tasks, strict=precision == Precision.fp32)
     drop = metric_drop_pt(base_metric, metric[ops.primary])
     return {"target": target.name, "precision": precision.value, "path": str(art.path), "metric": metric,
@@ -148,14 +147,15 @@ def check_artifact(cfg, ops, target, precision, onnx_path, out, data, ref, base_
             "passed": bool(parity["ok"] and drop <= cfg.tasks.max_metric_drop_pt)}
 
 
-def _artifact_metric(cfg: PipelineConfig, ops: TaskOps, artifact, target: TargetConfig, data: Split) -> dict:
-    """The task metric of a compiled artifact on the eval images (the unpruned one's: "before" per target)."""
+def _artifact_metric(cfg: PipelineConfig, ops: TaskOps, artifact, target: TargetConfig, data: Split) -> tuple[Any, dict]:
+    """A compiled artifact run on the eval images: its outputs (what ``ops.metric`` / ``ops.parity`` take)
+    and its task metric."""
     from .deploy import load_runner, run_per_image
 
     if ops.collect is None:
         raise ConfigError(f"task {ops.name!r} cannot read a compiled artifact's outputs; valid: segmentation, detection")
     got = ops.collect(run_per_image(load_runner(artifact, target), data.eval.images))
-    return ops.metric(got, data.eval, ignore_index=cfg.tasks.ignore_index)
+    return got, ops.metric(got, data.eval, ignore_index=cfg.tasks.ignore_index)
 
 
 def _bench(cfg: PipelineConfig, target: TargetConfig, arts: dict, image: torch.Tensor) -> dict:
@@ -169,7 +169,8 @@ def _bench(cfg: PipelineConfig, target: TargetConfig, arts: dict, image: torch.T
     return {"p50_ms": p50, "speedup": speedup(p50.get("baseline"), p50.get("pruned"))}
 
 
-def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_metric) -> list[dict]:
+def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_metric,
+           torch_drop: Optional[float] = None) -> list[dict]:
     """Export both models; per target and precision: check the pruned artifact (INT8: climb the recovery
     ladder while it fails its gate), time it against the unpruned one (``bench.baseline``), compiled
     with the same settings (INT8: the shipped rung's)."""
@@ -180,8 +181,9 @@ def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_met
         view, names = ops.export_view(m)
         onnx[name] = export_task_onnx(view, data.eval.images[:1], out / file, names, opset=cfg.export.opset)
     kind = type(model).__name__
-    torch_drop = metric_drop_pt(base_metric, ops.metric(ref_pruned, data.eval,
-                                                        ignore_index=cfg.tasks.ignore_index)[ops.primary])
+    if torch_drop is None:  # run_task passes the drop fit() measured
+        torch_drop = metric_drop_pt(base_metric, ops.metric(ref_pruned, data.eval,
+                                                            ignore_index=cfg.tasks.ignore_index)[ops.primary])
     rows = []
     for target in resolve_targets(cfg.targets):
         for precision in target.precisions:
@@ -200,7 +202,7 @@ def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_met
                 arts["baseline"] = compile_artifact(onnx["baseline"], where / "baseline", target=target,
                                                     precision=precision, calibration=cal, kind=kind,
                                                     overrides=overrides)
-                row["baseline"] = {"metric": _artifact_metric(cfg, ops, arts["baseline"], target, data)}
+                row["baseline"] = {"metric": _artifact_metric(cfg, ops, arts["baseline"], target, data)[1]}
             row["latency"] = _bench(cfg, target, arts, data.eval.images[:1])
             rows.append(row)
     return rows
@@ -325,7 +327,7 @@ def run_task(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     f = fit(cfg, out)
     report = f.report
     report["artifacts"] = deploy(cfg, f.ops, f.model, f.pruned, f.data, out, f.ref_pruned,
-                                 report["torch"]["baseline"][f.ops.primary])
+                                 report["torch"]["baseline"][f.ops.primary], torch_drop=report["torch"]["drop_pt"])
     for row in report["artifacts"]:  # relative: the run folder is renamed (.partial) or moved
         row["path"] = str(Path(row["path"]).resolve().relative_to(out.resolve()))
     report["gate"] = {"max_metric_drop_pt": cfg.tasks.max_metric_drop_pt,
