@@ -65,6 +65,12 @@ def climb(rungs: Iterable[Rung], attempt: Callable[[Rung], Attempt]) -> tuple[At
     return min(tried, key=lambda a: (a.drop_pt, -a.agreement)), tried
 
 
+def ladder_record(shipped: Attempt, tried: list[Attempt]) -> dict[str, Any]:
+    """What every report records of a climb: the shipped rung, its settings and every attempt."""
+    return {"shipped_rung": shipped.rung.index, "shipped": shipped.rung.name, "excluded": shipped.rung.excluded,
+            "options": shipped.rung.options, "attempts": [a.to_dict() for a in tried]}
+
+
 def rank_sensitivity(errors: dict[str, float], baseline_error: float) -> list[tuple[str, float]]:
     """``{layer: error with that layer left in float}`` -> [(layer, gain)] most sensitive first,
     gain = baseline_error - error (how much keeping the layer in float helps)."""

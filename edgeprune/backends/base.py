@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -76,6 +77,16 @@ class CompiledArtifact:
     @property
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files if p.exists())
+
+    def move_to(self, home: Path) -> "CompiledArtifact":
+        """Move this artifact's folder to ``home`` (replacing whatever is there) and rewrite its paths."""
+        src = Path(self.path).parent
+        shutil.rmtree(home, ignore_errors=True)
+        Path(home).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, home)
+        self.path = Path(home) / Path(self.path).name
+        self.files = [Path(home) / Path(f).name for f in self.files]
+        return self
 
 
 def _relative_to(path: Path | str, folder: Path) -> str:

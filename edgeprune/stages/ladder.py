@@ -9,7 +9,6 @@ against rung 0 on the same harness.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from .check import accuracy_ok, artifact_batch, check_artifact, compile_target, evaluate_artifact
 from ..config import Precision, TargetConfig
 from ..export import run_batched, torch_logits
-from ..int8_ladder import SENSITIVITY_IMAGES, Attempt, Int8Ladder, Rung, climb, logit_error
+from ..int8_ladder import SENSITIVITY_IMAGES, Attempt, Int8Ladder, Rung, climb, ladder_record, logit_error
 
 if TYPE_CHECKING:
     from ..backends.base import CompiledArtifact
@@ -56,15 +55,14 @@ def climb_int8(run: "RunContext", inp: "Inputs", model: torch.nn.Module, onnx_pa
         shipped, tried = climb(rungs, attempt)
     rung0 = tried[0].result[0]
     artifact, parity, accuracy = shipped.result
-    record = {"shipped_rung": shipped.rung.index, "shipped": shipped.rung.name, "excluded": shipped.rung.excluded,
-              "options": shipped.rung.options, "attempts": [a.to_dict() for a in tried],
+    record = {**ladder_record(shipped, tried),
               "sensitivity": [{"layer": n, "gain": round(g, 6)} for n, g in ladder.sensitivity or []]}
     if fp32_drop > target.accuracy_drop_budget_pt:
         record["not_climbed"] = (f"the pruned FP32 model is already {fp32_drop:.2f} pt below the baseline "
                                  f"(budget {target.accuracy_drop_budget_pt} pt): INT8 settings cannot recover that")
     if shipped is not tried[0]:
         record["rung0_p50_ms"] = _p50(run, rung0, target)
-        artifact = _move(artifact, home)
+        artifact = artifact.move_to(home)
     for a in tried:
         if a is not shipped and a.rung.index > 0:
             shutil.rmtree(Path(a.result[0].path).parent, ignore_errors=True)
@@ -114,13 +112,3 @@ def _p50(run: "RunContext", artifact: "CompiledArtifact", target: TargetConfig) 
 
     bench = bench_artifact(artifact, target=target, cfg=run.cfg.bench, progress=run.progress)
     return round(bench["results"][0]["p50"], 4)
-
-
-def _move(artifact: "CompiledArtifact", home: Path) -> "CompiledArtifact":
-    """Move the shipped rung's folder to ``home`` (replacing rung 0) and rewrite its paths."""
-    src = Path(artifact.path).parent
-    shutil.rmtree(home, ignore_errors=True)
-    os.replace(src, home)
-    artifact.path = home / Path(artifact.path).name
-    artifact.files = [home / Path(f).name for f in artifact.files]
-    return artifact

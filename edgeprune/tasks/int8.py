@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from ..config import TargetConfig
-from ..int8_ladder import Attempt, Int8Ladder, Rung, climb, logit_error
+from ..int8_ladder import Attempt, Int8Ladder, Rung, climb, ladder_record, logit_error
 from .deploy import op_names
 
 SENSITIVITY_IMAGES = 8
@@ -135,9 +135,7 @@ def climb_task(check: CheckFn, rungs: Iterator[Rung], home: Path, *, ladder: Opt
         _move(row, home)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    record: dict[str, Any] = {"shipped_rung": shipped.rung.index, "shipped": shipped.rung.name,
-                              "options": shipped.rung.options, "excluded": shipped.rung.excluded,
-                              "attempts": [a.to_dict() for a in tried], "agreement_measure": measure[0]}
+    record: dict[str, Any] = {**ladder_record(shipped, tried), "agreement_measure": measure[0]}
     if ladder is not None and ladder.sensitivity:
         record["sensitivity"] = [{"layer": n, "gain": round(g, 6)} for n, g in ladder.sensitivity]
     if not_climbed:
@@ -147,14 +145,8 @@ def climb_task(check: CheckFn, rungs: Iterator[Rung], home: Path, *, ladder: Opt
 
 
 def _move(row: dict, home: Path) -> None:
-    """Move the row's artifact folder to ``home`` and rewrite its paths."""
-    art = row["artifact"]
-    src = Path(art.path).parent
-    home.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(src), str(home))
-    art.path = home / Path(art.path).name
-    art.files = [home / Path(f).name for f in art.files]
-    row["path"] = str(art.path)
+    """Move the row's artifact folder to ``home`` and rewrite the row's path."""
+    row["path"] = str(row["artifact"].move_to(home).path)
 
 
 def for_model(rung: Rung, backend: Any, onnx_path: Path) -> dict[str, Any]:
