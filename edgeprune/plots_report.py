@@ -10,7 +10,8 @@ import io
 from typing import Any, Optional
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), imported on first use; every plot module uses this."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +23,7 @@ def _plt():
 def _to_b64(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -53,7 +54,7 @@ def accuracy_vs_latency(report: dict[str, Any]) -> Optional[str]:
     arts = _measured(report)
     if not arts:
         return None
-    plt = _plt()
+    plt = pyplot()
     pts = [(a["latency_ms"]["p50"], 100 * a["accuracy"]) for a in arts]
     front = pareto_front(pts)
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -98,7 +99,7 @@ def channels_per_layer(report: dict[str, Any]) -> Optional[str]:
     layers = (report.get("prune") or {}).get("layers") or []
     if not layers:
         return None
-    plt = _plt()
+    plt = pyplot()
     names = [lay["name"] for lay in layers]
     xs = range(len(names))
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4))
@@ -118,7 +119,7 @@ def score_distribution(report: dict[str, Any]) -> Optional[str]:
     scores = scoring.get("scores") or {}
     if not scores:
         return None
-    plt = _plt()
+    plt = pyplot()
     names = list(scores)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4))
     ax.boxplot([scores[n] for n in names], showfliers=True)
@@ -142,7 +143,7 @@ def latency_histogram(report: dict[str, Any]) -> Optional[str]:
     arts = [a for a in report.get("artifacts", []) if a.get("latency_samples_ms")]
     if not arts:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for a in arts:
         ax.hist(a["latency_samples_ms"], bins=60, alpha=0.5, label=artifact_label(a), histtype="stepfilled")
@@ -159,7 +160,7 @@ def finetune_curve(report: dict[str, Any]) -> Optional[str]:
     hist = (report.get("finetune") or {}).get("history") or []
     if not hist:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ep = [h.get("epoch") for h in hist]
     if any(h.get("val_acc") is not None for h in hist):

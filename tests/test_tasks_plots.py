@@ -87,14 +87,14 @@ def test_detection_plots_are_written_with_many_boxes_cut(tmp_path):
     entries = _write(tmp_path, _report("mAP@0.5", task="detection"), data, base, pruned)
     _assert_pngs(tmp_path, entries)
     assert plots.pick_images(data, 3) == [1, 3, 0]  # images with boxes first, in eval order
-    fig, ax = plots._plt().subplots()
+    fig, ax = plots.pyplot().subplots()
     try:  # image 0: MAX_BOXES + 7 predicted boxes, the best MAX_BOXES drawn
         got = plots._draw_boxes(ax, data, 0, base[0], plots._class_colors(4))
         assert got == f" ({plots.MAX_BOXES + 7} boxes, top {plots.MAX_BOXES} drawn)"
         assert len(ax.patches) == plots.MAX_BOXES
         assert plots._draw_boxes(ax, data, 1, None, plots._class_colors(4)) == " (1 boxes)"  # ground truth
     finally:
-        plots._plt().close(fig)
+        plots.pyplot().close(fig)
 
 
 def test_overlays_pick_defect_images_and_undo_the_normalization():
@@ -173,10 +173,10 @@ def test_metric_vs_latency_draws_both_points_per_artifact_and_a_floor_above_zero
         assert pruned == sorted((a["latency"]["p50_ms"]["pruned"], 100 * a["metric"]["mIoU"]) for a in report["artifacts"])
         assert sorted(line.get_ydata()[0] for line in ax.lines) == pytest.approx([61.0, 62.0])  # floor, unpruned
     finally:
-        plots._plt().close(fig)
+        plots.pyplot().close(fig)
     report["gate"]["max_metric_drop_pt"] = 100.0  # a floor below 0 bounds nothing: not drawn
     fig = plots.metric_vs_latency(report)
     try:
         assert [line.get_ydata()[0] for line in fig.axes[0].lines] == pytest.approx([62.0])
     finally:
-        plots._plt().close(fig)
+        plots.pyplot().close(fig)

@@ -7,11 +7,9 @@ from typing import Any
 
 def plot_trajectory(result: dict[str, Any], path: Path) -> Path:
     """``result`` is ``LatencySearchResult.to_dict()``; writes a PNG to ``path``."""
-    import matplotlib
+    from ..plots_report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = result["trajectory"]
     xs = [0] + [s["step"] for s in steps]
     pred = [result["lut"].get("base_ms", result["base_ms"])] + [s["predicted_ms"] for s in steps]

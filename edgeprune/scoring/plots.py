@@ -7,17 +7,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..plots_report import pyplot
 from .aura import aura_matrix, quantize, uniform_edges, sae
 from .hooks import find_taps, iterate_maps
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def local_sae_map(q: torch.Tensor, *, levels: int, window: int = 2) -> torch.Tensor:
@@ -34,7 +26,7 @@ def local_sae_map(q: torch.Tensor, *, levels: int, window: int = 2) -> torch.Ten
 def plot_sae_heatmaps(model: nn.Module, images: torch.Tensor, *, layer: str, filters: Sequence[int],
                       out: Path, levels: int = 8, device: str = "cpu") -> Path:
     """Grid images x filters of ``layer``: the map, and its local SAE heatmap with the map's SAE."""
-    plt = _plt()
+    plt = pyplot()
     taps = find_taps(model, images[:2].to(device))
     tap = {layer: taps[layer]}
     _, maps, _ = next(iterate_maps(model, tap, images, batch_size=len(images), device=device))
@@ -62,7 +54,7 @@ def plot_sae_heatmaps(model: nn.Module, images: torch.Tensor, *, layer: str, fil
 def plot_score_distributions(scores: dict[str, torch.Tensor], *, out: Path, ratio: float = 0.5,
                              title: str = "") -> Path:
     """One panel per layer: sorted scores, the lowest ``ratio`` of each layer marked as pruned."""
-    plt = _plt()
+    plt = pyplot()
     n = max(1, len(scores))
     cols = min(3, n)
     rows = (n + cols - 1) // cols

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..plots_report import pyplot
 from ..safety import atomic_path
 
 METRIC_VS_LATENCY = "metric_vs_latency.png"
@@ -28,15 +29,6 @@ OVERLAYS = "overlays.png"
 OVERLAY_IMAGES = 4
 MAX_BOXES = 10  # predicted boxes drawn per image, highest scores first
 PRECISION_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def write_task_plots(report: dict, out: Path, *, data: Any, ref_base: Any, ref_pruned: Any, preprocessing: Any,
@@ -65,7 +57,7 @@ def _write(out: Path, name: str, title: str, file: str, draw: Callable[[], Any])
             with atomic_path(out / file) as tmp:
                 fig.savefig(tmp, format="png", dpi=96, bbox_inches="tight")
         finally:
-            _plt().close(fig)
+            pyplot().close(fig)
     except Exception as exc:  # noqa: BLE001 - a figure must not cost the run; the report says why it is missing
         entry["error"] = f"{type(exc).__name__}: {exc}"
         (out / file).unlink(missing_ok=True)  # no figure of an earlier run under this run's report
@@ -90,7 +82,7 @@ def metric_vs_latency(report: dict) -> Any:
     m, rows = report["primary_metric"], _timed(report)
     if not rows:
         raise LookupError("no artifact has a measured p50 latency")
-    plt = _plt()
+    plt = pyplot()
     base = 100 * report["torch"]["baseline"][m]
     targets = sorted({a["target"] for a in rows})
     color = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(targets)}
@@ -159,7 +151,7 @@ def display_image(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
 
 
 def _class_colors(n: int) -> list:
-    cmap = _plt().get_cmap("tab10")
+    cmap = pyplot().get_cmap("tab10")
     return [cmap(i % 10) for i in range(n)]
 
 
@@ -169,7 +161,7 @@ def overlays(data: Any, ref_base: Any, ref_pruned: Any, *, mean: Sequence[float]
     idx = pick_images(data, n, ignore_index)
     if not idx:
         raise LookupError("the eval split holds no image")
-    plt = _plt()
+    plt = pyplot()
     colors = _class_colors(len(data.classes))
     fig, axes = plt.subplots(len(idx), 3, figsize=(9, 3 * len(idx)), squeeze=False)
     for row, i in enumerate(idx):
