@@ -25,7 +25,7 @@ from ..errors import ConfigError, DataError, ExportError
 from .datasets import DetectionData
 from .labels import boxes_to_label_maps
 from .metrics import detection_map
-from .models import submodule, traced_view
+from .models import traced_view
 from .parity import detection_parity
 
 OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
@@ -59,7 +59,7 @@ def batch(data: DetectionData, idx: torch.Tensor):
 
 
 def _head_module(model: nn.Module) -> nn.Module:
-    return submodule(model, "head") if type(model).__name__ == "SSD" else submodule(model, "rpn.head")
+    return model.get_submodule("head") if type(model).__name__ == "SSD" else model.get_submodule("rpn.head")
 
 
 def _head_tensors(out) -> list[torch.Tensor]:

@@ -85,7 +85,7 @@ class SSDHeadOut(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor):
-        head = submodule(self.model, "head")(list(submodule(self.model, "backbone")(x).values()))
+        head = self.model.get_submodule("head")(list(self.model.get_submodule("backbone")(x).values()))
         return head["bbox_regression"], head["cls_logits"]
 
 
@@ -97,7 +97,7 @@ class RPNOut(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor):
-        objectness, deltas = submodule(self.model, "rpn.head")(list(submodule(self.model, "backbone")(x).values()))
+        objectness, deltas = self.model.get_submodule("rpn.head")(list(self.model.get_submodule("backbone")(x).values()))
         return tuple(objectness) + tuple(deltas)
 
 
@@ -113,13 +113,6 @@ def traced_view(model: nn.Module) -> nn.Module:
     raise PruneError(f"no traced view for {kind}; supported: LRASPP, DeepLabV3, SSD, FasterRCNN")
 
 
-def submodule(model: nn.Module, path: str) -> nn.Module:
-    """The submodule at dotted ``path`` (torchvision's children, typed as modules for mypy)."""
-    for name in path.split("."):
-        model = cast(nn.Module, getattr(model, name))
-    return model
-
-
 def _out(module: nn.Module) -> int:
     return int(cast(nn.Conv2d, module).out_channels)
 
@@ -128,13 +121,13 @@ def _ssd_predictors(model: nn.Module) -> dict[str, str]:
     """Each SSD head's 1x1 predictor per feature map: anchors x classes (or x 4 box deltas) channels."""
     out = {}
     for kind, what in (("classification", "class"), ("regression", "box")):
-        head = submodule(model, f"head.{kind}_head")
+        head = model.get_submodule(f"head.{kind}_head")
         cols = int(cast(int, head.num_columns))  # classes, or 4 box deltas
         for i, block in enumerate(cast(nn.ModuleList, head.module_list)):
             # each block: Sequential(depthwise conv block, 1x1 predictor conv)
             last = f".{len(block) - 1}" if isinstance(block, nn.Sequential) else ""
             path = f"head.{kind}_head.module_list.{i}{last}"
-            n = _out(submodule(model, path))
+            n = _out(model.get_submodule(path))
             per = "classes" if what == "class" else "box deltas"
             out[path] = (f"{what} predictor of feature map {i}: out channels fixed by the task = {n // cols} anchors "
                          f"x {cols} {per}")
@@ -148,22 +141,22 @@ def _deeplab_predictors(model: nn.Module) -> dict[str, str]:
         if head is not None:
             path = f"{name}.{len(head) - 1}"
             out[path] = (f"{'auxiliary ' if name == 'aux_classifier' else ''}class predictor: out channels fixed by "
-                         f"the task = num_classes ({_out(submodule(model, path))})")
+                         f"the task = num_classes ({_out(model.get_submodule(path))})")
     return out
 
 
 def _lraspp_predictors(model: nn.Module) -> dict[str, str]:
     return {f"classifier.{b}_classifier": f"class predictor ({b}-level branch): out channels fixed by the task = "
-                                          f"num_classes ({_out(submodule(model, f'classifier.{b}_classifier'))})"
+                                          f"num_classes ({_out(model.get_submodule(f'classifier.{b}_classifier'))})"
             for b in ("low", "high")}
 
 
 def _fasterrcnn_kept(model: nn.Module) -> dict[str, str]:
     """The FPN is kept for the tracing, not the task: the graph does not reach the RoI heads (module docstring)."""
-    rpn, box = submodule(model, "rpn.head"), submodule(model, "roi_heads.box_predictor")
-    anchors = _out(submodule(rpn, "cls_logits"))
-    classes = int(cast(nn.Linear, submodule(box, "cls_score")).out_features)
-    fpn = int(cast(int, getattr(submodule(model, "backbone"), "out_channels")))
+    rpn, box = model.get_submodule("rpn.head"), model.get_submodule("roi_heads.box_predictor")
+    anchors = _out(rpn.get_submodule("cls_logits"))
+    classes = int(cast(nn.Linear, box.get_submodule("cls_score")).out_features)
+    fpn = int(cast(int, getattr(model.get_submodule("backbone"), "out_channels")))
     return {"backbone.fpn": f"FPN: its {fpn} output channels also feed the RoI "
                             "heads, which run outside the traced view",
             "rpn.head": f"RPN head: out channels fixed by the task's anchors = {anchors} anchors per location "
@@ -191,7 +184,7 @@ def fixed_layer_names(model: nn.Module) -> dict[str, str]:
 
 def fixed_layers(model: nn.Module) -> list[nn.Module]:
     """Modules whose output channels the task fixes (kept whole by the pruner)."""
-    return [submodule(model, path) for path in fixed_layer_names(model)]
+    return [model.get_submodule(path) for path in fixed_layer_names(model)]
 
 
 def count_macs(view: nn.Module, example: torch.Tensor) -> int:
