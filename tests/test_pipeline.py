@@ -96,7 +96,7 @@ def test_cli_run_end_to_end(tmp_path, tiny_weights):
         base = a["baseline"]  # the unpruned model on the same target, timed interleaved with the pruned one
         assert base["accuracy"] == pytest.approx(report["accuracy"]["baseline"], abs=0.01)
         assert a["speedup"] == pytest.approx(base["latency_ms"]["p50"] / base["timing"]["pruned_latency_ms"]["p50"],
-                                             rel=1e-3)
+                                             rel=1e-4)
         assert (run_dir / base["path"]).is_file()
     stage_s = report["run"]["stage_seconds"]
     assert set(stage_s) == {"score", "prune", "finetune", "export", "compile"} and min(stage_s.values()) >= 0  # l1 scores in < 5 ms
