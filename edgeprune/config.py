@@ -268,6 +268,9 @@ class TaskConfig(Strict):
     baseline_epochs: float = Field(0.0, ge=0.0, description="train the unpruned model first when model.weights is "
                                                            "None (random weights give no meaningful metric)")
     baseline_lr: float = Field(0.01, gt=0.0)
+    class_weighting: Literal["none", "inverse-sqrt-frequency"] = Field(
+        "inverse-sqrt-frequency", description="segmentation: CE weight per class from the training masks' pixel "
+                                              "frequencies (defects cover < 1 % of the pixels); none: plain CE")
     score_threshold: float = Field(0.05, ge=0.0, lt=1.0, description="detection: boxes kept by the exported graph")
     min_pixel_agreement: float = Field(0.99, ge=0.0, le=1.0, description="segmentation FP32 parity")
     parity_iou: float = Field(0.9, gt=0.0, le=1.0, description="detection FP32 parity: IoU of a matched box")

@@ -69,9 +69,11 @@ def validate_config(cfg: FinetuneConfig) -> None:
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor, *,
-                 alpha: float, temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """alpha * T^2 * KL(teacher^T || student^T) + (1 - alpha) * CE; logits are (B, K)."""
-    ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
+                 alpha: float, temperature: float, label_smoothing: float = 0.0,
+                 class_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """alpha * T^2 * KL(teacher^T || student^T) + (1 - alpha) * CE; logits are (B, K). ``class_weight``
+    (K,) weighs the CE per true class (PyTorch's ``weight``); the KD term is not weighted."""
+    ce = F.cross_entropy(student_logits.float(), labels, weight=class_weight, label_smoothing=label_smoothing)
     if teacher_logits is None or alpha == 0.0:
         return ce
     t = temperature

@@ -88,6 +88,33 @@ def test_segmentation_loss_leaves_ignored_pixels_out_of_the_ce_and_backpropagate
     assert abs(float(seg_ops.loss(model.eval(), None, x, masks, KD, ignore_index=255)) - float(ref)) < 1e-4
 
 
+def test_class_weights_inverse_sqrt_frequency_by_hand():
+    # 100 pixels: 60 background, 16 class 1, 4 class 2, class 3 absent, 20 ignored (255)
+    masks = torch.cat([torch.zeros(60), torch.ones(16), torch.full((4,), 2), torch.full((20,), 255)]).long()
+    assert seg_ops.class_weights(masks, 4, "none") is None
+    w = seg_ops.class_weights(masks.reshape(1, 10, 10), 4, "inverse-sqrt-frequency", ignore_index=255)
+    # f = (0.75, 0.2, 0.05, 0) over the 80 labelled pixels; 1/sqrt(f) = (1.155, 2.236, 4.472); absent class 3
+    # gets the largest present weight; scaled so sum_k f_k w_k = 1: divide by 0.75*1.155+0.2*2.236+0.05*4.472
+    raw = torch.tensor([1 / 0.75 ** 0.5, 1 / 0.2 ** 0.5, 1 / 0.05 ** 0.5, 1 / 0.05 ** 0.5])
+    expected = raw / (0.75 * raw[0] + 0.2 * raw[1] + 0.05 * raw[2])
+    assert torch.allclose(w, expected, atol=1e-5)
+    assert float((torch.tensor([0.75, 0.2, 0.05, 0.0]) * w).sum()) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="valid: none, inverse-sqrt-frequency"):
+        seg_ops.class_weights(masks, 4, "focal")
+
+
+def test_segmentation_loss_weighs_the_ce_per_class_and_not_the_kd():
+    model = _seg_model().eval()
+    x, masks = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    w = torch.tensor([0.5, 2.0, 3.0, 4.0])
+    with torch.no_grad():
+        logits = model(x)["out"]
+        ref = torch.nn.functional.cross_entropy(logits, masks, weight=w)
+        assert torch.allclose(seg_ops.loss(model, None, x, masks, KD, class_weight=w), ref, atol=1e-5)
+        # KD against itself is 0 whatever the weights: only (1 - alpha) * weighted CE is left
+        assert torch.allclose(seg_ops.loss(model, model, x, masks, KD, class_weight=w), 0.5 * ref, atol=1e-5)
+
+
 def test_segmentation_metric_on_perfect_and_on_model_predictions(tmp_path):
     from edgeprune.tasks.datasets import SegmentationData
     from edgeprune.tasks.metrics import segmentation_miou
@@ -278,6 +305,9 @@ def test_run_task_segmentation_end_to_end(tmp_path):
     for f in ("report.json", "report.md", "model.onnx", "baseline.onnx", "scores.json", "finetune/last.pt"):
         assert (out / f).is_file(), f
     assert "| ort-fp32 | fp32 |" in (out / "report.md").read_text()
+    # default: inverse-sqrt-frequency CE weights from the training masks, recorded; background weighs least
+    cw = report["class_weight"]
+    assert cw["mode"] == "inverse-sqrt-frequency" and len(cw["weights"]) == 4 and cw["weights"][0] == min(cw["weights"])
     again = run_task(_cfg(tmp_path, "segmentation"), out)  # the finished fine-tuning is resumed, not redone
     assert again["finetune"]["resumed_from"] is not None
 

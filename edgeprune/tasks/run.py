@@ -73,7 +73,19 @@ def build_model(cfg: PipelineConfig, ops: TaskOps) -> nn.Module:
     return model.eval()
 
 
-def train_baseline(cfg: PipelineConfig, ops: TaskOps, model: nn.Module, data: Split, out: Path) -> Optional[dict]:
+def class_weight(cfg: PipelineConfig, data: Split) -> Optional[torch.Tensor]:
+    """Segmentation: the CE weight per class from the training masks (``tasks.class_weighting``); the
+    other tasks train with their own losses (None)."""
+    masks = getattr(data.train, "masks", None)
+    if cfg.task != "segmentation" or masks is None:
+        return None
+    from .seg_ops import class_weights
+
+    return class_weights(masks, cfg.model.num_classes, cfg.tasks.class_weighting, cfg.tasks.ignore_index)
+
+
+def train_baseline(cfg: PipelineConfig, ops: TaskOps, model: nn.Module, data: Split, out: Path,
+                   weight: Optional[torch.Tensor] = None) -> Optional[dict]:
     """Train the unpruned model first when no weights were given (random weights measure nothing)."""
     if cfg.model.weights is not None or cfg.tasks.baseline_epochs == 0:
         return None
@@ -81,7 +93,7 @@ def train_baseline(cfg: PipelineConfig, ops: TaskOps, model: nn.Module, data: Sp
                                          "kd_alpha": 0.0})
     _log(f"training the unpruned {cfg.model.arch} for {ft.epochs:g} epochs (no weights given)")
     res = train_task(ops, model, None, data.train, data.eval, ft, ckpt_dir=out / "baseline",
-                     ignore_index=cfg.tasks.ignore_index, progress=True)
+                     ignore_index=cfg.tasks.ignore_index, progress=True, class_weight=weight)
     return res.to_dict()
 
 
@@ -300,7 +312,10 @@ def fit(cfg: PipelineConfig, out: Path) -> Fitted:
     report: dict[str, Any] = {"name": cfg.name, "task": cfg.task, "model": cfg.model.arch, "primary_metric": ops.primary,
                               "data": {"source": data.source, "train": len(parts.train), "eval": len(parts.eval),
                                        "classes": data.classes}}
-    report["baseline_training"] = train_baseline(cfg, ops, model, parts, out)
+    weight = class_weight(cfg, parts)
+    if weight is not None:
+        report["class_weight"] = {"mode": cfg.tasks.class_weighting, "weights": [round(float(v), 4) for v in weight]}
+    report["baseline_training"] = train_baseline(cfg, ops, model, parts, out, weight)
     torch.save(model.state_dict(), out / "baseline.pt")
     _log("scoring")
     importance, report["score"] = score_channels(cfg, ops, model, parts, out)
@@ -308,7 +323,7 @@ def fit(cfg: PipelineConfig, out: Path) -> Fitted:
     pruned, report["prune"] = prune(cfg, model, parts.train.images[:1], importance)
     _log(f"fine-tuning ({report['prune']['macs_reduction']:.2f}x MACs)")
     ft = train_task(ops, pruned, model, parts.train, parts.eval, cfg.finetune, ckpt_dir=out / "finetune",
-                    ignore_index=cfg.tasks.ignore_index, progress=True)
+                    ignore_index=cfg.tasks.ignore_index, progress=True, class_weight=weight)
     torch.save(pruned.state_dict(), out / "model.pt")
     report["finetune"] = ft.to_dict()
     ref_pruned, ref_base = ops.predict(pruned, parts.eval.images), ops.predict(model, parts.eval.images)

@@ -4,7 +4,9 @@ Loss: :func:`edgeprune.finetune.distill_loss` on the logits flattened to one row
 ((B, K, H, W) -> (B*H*W, K)), so its ``batchmean`` KL is the mean over pixels and the formula is
 classification's own: ``alpha * T^2 * KL(teacher^T || student^T) + (1 - alpha) * CE``. Pixels at
 ``ignore_index`` are left out of the CE (mapped to PyTorch's -100) but kept in the KD, which needs
-no label.
+no label. ``class_weight`` (from :func:`class_weights`) weighs the CE per true class: defects cover
+well under 1 % of the pixels of an inspection image, and plain CE trained from scratch settles on
+"background everywhere" for the thin classes.
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ def _pixels(logits: torch.Tensor) -> torch.Tensor:
 
 
 def loss(student: nn.Module, teacher: Optional[nn.Module], x: torch.Tensor, masks: torch.Tensor, cfg,
-         teacher_out: Optional[torch.Tensor] = None, ignore_index: Optional[int] = None) -> torch.Tensor:
-    """CE on the masks plus per-pixel KD from the teacher's logits (both (B, K, H, W))."""
+         teacher_out: Optional[torch.Tensor] = None, ignore_index: Optional[int] = None,
+         class_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CE on the masks (weighted per class when ``class_weight`` is given) plus per-pixel KD from the
+    teacher's logits (both (B, K, H, W))."""
     s = student(x)["out"]
     t = teacher_out
     if t is None and teacher is not None and cfg.kd_alpha > 0:
@@ -43,7 +47,36 @@ def loss(student: nn.Module, teacher: Optional[nn.Module], x: torch.Tensor, mask
     if ignore_index is not None:
         y = torch.where(y == ignore_index, torch.full_like(y, -100), y)
     return distill_loss(_pixels(s), None if t is None else _pixels(t), y, alpha=cfg.kd_alpha,
-                        temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing)
+                        temperature=cfg.kd_temperature, label_smoothing=cfg.label_smoothing,
+                        class_weight=class_weight)
+
+
+def class_weights(masks: torch.Tensor, num_classes: int, mode: str,
+                  ignore_index: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Per-class CE weights from the pixel frequencies f_k of the training masks.
+
+    ``none``: None (plain CE). ``inverse-sqrt-frequency``: w_k proportional to 1 / sqrt(f_k), scaled so
+    the mean weight over the training pixels, sum_k f_k w_k, is 1 (the loss keeps its scale, so the
+    learning rate means the same). A class absent from the masks gets the largest weight of the
+    present ones (it has no pixels to weigh in training; the cap keeps the scaling finite).
+    """
+    if mode == "none":
+        return None
+    if mode != "inverse-sqrt-frequency":
+        raise ValueError(f"class weighting {mode!r}; valid: none, inverse-sqrt-frequency")
+    y = masks.reshape(-1).long()
+    if ignore_index is not None:
+        y = y[y != ignore_index]
+    counts = torch.bincount(y[(y >= 0) & (y < num_classes)], minlength=num_classes).double()
+    if counts.sum() == 0:
+        return None
+    freq = counts / counts.sum()
+    present = freq > 0
+    w = torch.zeros(num_classes, dtype=torch.float64)
+    w[present] = freq[present].rsqrt()
+    w[~present] = w[present].max()
+    w = w / (freq * w).sum()
+    return w.float()
 
 
 @torch.no_grad()

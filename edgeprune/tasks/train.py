@@ -94,8 +94,10 @@ def _state(model, opt, sched, step, best, best_state, history, elapsed, fp) -> d
 
 
 def train_task(ops: TaskOps, student: nn.Module, teacher: Optional[nn.Module], train, val, cfg: FinetuneConfig, *,
-               ckpt_dir: Path, ignore_index: Optional[int] = None, progress: bool = False) -> TrainResult:
-    """Train ``student`` in place for ``cfg.epochs`` (distilling from ``teacher`` when given)."""
+               ckpt_dir: Path, ignore_index: Optional[int] = None, progress: bool = False,
+               class_weight: Optional[torch.Tensor] = None) -> TrainResult:
+    """Train ``student`` in place for ``cfg.epochs`` (distilling from ``teacher`` when given).
+    ``class_weight`` is handed to the task's loss (segmentation: CE weight per class)."""
     validate_config(cfg)
     if len(train) < 1 or len(val) < 1:
         raise DataError(f"training needs train and eval images; got {len(train)} and {len(val)}")
@@ -109,6 +111,9 @@ def train_task(ops: TaskOps, student: nn.Module, teacher: Optional[nn.Module], t
                                                                          schedule=cfg.schedule))
     use_teacher = teacher is not None and cfg.kd_alpha > 0
     fp = fingerprint(student, cfg, n_train=len(train), n_val=len(val), world_size=1) + ("-kd" if use_teacher else "")
+    if class_weight is not None:
+        fp += "-w" + ",".join(f"{float(v):.4g}" for v in class_weight)
+    extra = {} if class_weight is None else {"class_weight": class_weight}
     path = Path(ckpt_dir) / CKPT_NAME
     step, best, best_state, history, elapsed, resumed = 0, -1.0, None, [], 0.0, None
     ck = load_checkpoint(path)
@@ -130,7 +135,7 @@ def train_task(ops: TaskOps, student: nn.Module, teacher: Optional[nn.Module], t
         x, target = ops.batch(train, idx)
         student.train()
         loss = ops.loss(student, teacher if use_teacher else None, x, target, cfg,
-                        teacher_out=_teacher_slice(t_out, idx, ops.name), ignore_index=ignore_index)
+                        teacher_out=_teacher_slice(t_out, idx, ops.name), ignore_index=ignore_index, **extra)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
