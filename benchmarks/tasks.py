@@ -82,7 +82,8 @@ def run_cell(cfg, fitted, work: Path, runtime: str, precision: str, threads: int
             "p50_before_ms": lat["p50_ms"]["baseline"], "p50_after_ms": lat["p50_ms"]["pruned"],
             "speedup": lat["speedup"], "macs_reduction": fitted.report["prune"]["macs_reduction"],
             "torch": fitted.report["torch"], "threads": threads, "image_size": cfg.data.preprocessing.height,
-            "epochs": [cfg.tasks.baseline_epochs, cfg.finetune.epochs], "timing_input": "one eval image", "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "epochs": [cfg.tasks.baseline_epochs, cfg.finetune.epochs], "timing_input": "one eval image",
+            "class_weighting": cfg.tasks.class_weighting if cfg.task == "segmentation" else None, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _f(v, d=4):
@@ -107,6 +108,8 @@ def table(results: dict, models: list[str]) -> str:
                     continue
                 drop = 100 * (c["metric_before"] - c["metric_after"])
                 ep = " / ".join(f"{e:g}" for e in c["epochs"]) if "epochs" in c else "-"
+                if c.get("task") == "segmentation":
+                    ep += " (CE weighted)" if c.get("class_weighting", "none") != "none" else " (plain CE)"
                 lines.append(f"| {c['model']} | {c['runtime']} | {p} | {c['macs_reduction']:.2f}x | {ep} | {c['metric_name']} | "
                              f"{_f(c['metric_before'])} | {_f(c['metric_after'])} | {drop:.2f} | "
                              f"{_f(c['p50_before_ms'], 3)} | {_f(c['p50_after_ms'], 3)} | {_f(c['speedup'], 2)} |")
