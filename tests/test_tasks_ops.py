@@ -449,3 +449,28 @@ def test_detection_without_boxes_gives_no_boxes_on_every_runtime(tmp_path):
         assert [len(g["boxes"]) for g in got] == [0, 0], target.name
         cfg = PipelineConfig(tasks={"score_threshold": 0.999}).tasks
         assert det_ops.parity(ref, got, cfg)["ok"]
+
+
+def test_clip_boxes_patch_matches_torchvision_and_exports_without_a_reshape(tmp_path):
+    """torchvision's clip reshapes back to the boxes' shape; ONNX Runtime's optimizer turns that into a
+    Reshape to (0, classes, -1), undefined for zero boxes (Faster R-CNN INT8 on an image whose proposals
+    were all dropped). The patch stacks the four coordinates instead: same values, no Reshape."""
+    import onnx
+    import onnxruntime as ort
+    from torchvision.ops import boxes as box_ops
+
+    boxes = torch.rand(6, 4, 4) * 120 - 30
+    for b in (boxes, boxes[:0], boxes[:, 0]):
+        assert torch.equal(det_ops._clip_boxes_any_count(b, (50, 60)), box_ops.clip_boxes_to_image(b, (50, 60)))
+
+    class Clip(torch.nn.Module):
+        def forward(self, b, keep):  # the number of boxes is decided at run time, as after NMS
+            return det_ops._clip_boxes_any_count(b[keep > 0.5], (50, 60))
+
+    path = tmp_path / "clip.onnx"
+    torch.onnx.export(Clip(), (boxes, torch.ones(6)), str(path), dynamo=False, input_names=["b", "k"], opset_version=17)
+    assert "Reshape" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for keep in (torch.ones(6), torch.zeros(6), torch.tensor([1.0, 0, 1, 0, 0, 1])):
+        got = sess.run(None, {"b": boxes.numpy(), "k": keep.numpy()})[0]
+        assert np.allclose(got, box_ops.clip_boxes_to_image(boxes[keep > 0.5], (50, 60)).numpy())

@@ -199,19 +199,38 @@ def _decode_any_count(self, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) 
     return pred.reshape(-1, cols // 4, 4)
 
 
+def _clip_boxes_any_count(boxes: torch.Tensor, size) -> torch.Tensor:
+    """torchvision's ``clip_boxes_to_image`` without its final reshape.
+
+    The original stacks the clipped x and y coordinates to (..., 2, 2) and reshapes back to
+    ``boxes.shape``; traced on Faster R-CNN's (N, classes, 4) boxes that is an ONNX Reshape to
+    ``(0, classes, -1)`` when N = 0, and ONNX Runtime refuses it (-1 is undefined with zero elements):
+    an INT8 RoI head whose proposals were all dropped failed there. Here the four clipped coordinates
+    are stacked on a new last axis, no reshape. Same values."""
+    height, width = size
+    zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
+    w = torch.as_tensor(width, dtype=boxes.dtype, device=boxes.device)
+    h = torch.as_tensor(height, dtype=boxes.dtype, device=boxes.device)
+    x = torch.min(torch.max(boxes[..., 0::2], zero), w)
+    y = torch.min(torch.max(boxes[..., 1::2], zero), h)
+    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+
+
 @contextlib.contextmanager
 def export_patches():
-    """While exporting a detector: torchvision's NMS and box decoding in forms every runtime here runs
-    right on images with no box (see the two functions above). Eager results are unchanged."""
+    """While exporting a detector: torchvision's NMS, box decoding and box clipping in forms every
+    runtime here runs right on images with no box (see the three functions above). Eager results are
+    unchanged."""
     from torchvision.models.detection import _utils as det_utils
     from torchvision.ops import boxes as box_ops
 
-    saved = box_ops.batched_nms, det_utils.BoxCoder.decode
+    saved = box_ops.batched_nms, det_utils.BoxCoder.decode, box_ops.clip_boxes_to_image
     box_ops.batched_nms, det_utils.BoxCoder.decode = _batched_nms_without_branch, _decode_any_count
+    box_ops.clip_boxes_to_image = _clip_boxes_any_count
     try:
         yield
     finally:
-        box_ops.batched_nms, det_utils.BoxCoder.decode = saved
+        box_ops.batched_nms, det_utils.BoxCoder.decode, box_ops.clip_boxes_to_image = saved
 
 
 def export_view(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
