@@ -474,3 +474,15 @@ def test_clip_boxes_patch_matches_torchvision_and_exports_without_a_reshape(tmp_
     for keep in (torch.ones(6), torch.zeros(6), torch.tensor([1.0, 0, 1, 0, 0, 1])):
         got = sess.run(None, {"b": boxes.numpy(), "k": keep.numpy()})[0]
         assert np.allclose(got, box_ops.clip_boxes_to_image(boxes[keep > 0.5], (50, 60)).numpy())
+
+
+def test_anchor_coverage_script_measures_the_example_detector(tmp_path):
+    """scripts/anchor_coverage.py: anchor sizes vs box sizes of the example data, without training."""
+    import runpy
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "anchor_coverage.py"))
+    r = mod["coverage"](Path(__file__).resolve().parents[1] / "examples" / "detection.yaml")
+    assert r["anchors"] > 0 and r["boxes"] > 0 and 0.0 <= r["share_best_iou_ge_0.5"] <= 1.0
+    assert 0.0 < r["best_iou_median"] < 1.0 and r["anchor_side_min"] > 0
+    with pytest.raises(ConfigError, match="needs task: detection"):
+        mod["coverage"](Path(__file__).resolve().parents[1] / "examples" / "segmentation.yaml")
