@@ -31,22 +31,21 @@ def train_one(mode: str, seed: int, epochs: float, count: int, work: Path) -> di
     from edgeprune.tasks.loading import load_task_data, split
     from edgeprune.tasks.metrics import segmentation_miou
     from edgeprune.tasks.ops import TASKS
-    from edgeprune.tasks.run import build_model, class_weight
-    from edgeprune.tasks.train import train_task
+    from edgeprune.tasks.run import build_model, class_weight, train_baseline
 
     cfg = load_pipeline_config(HERE.parent / "examples" / "segmentation.yaml")
-    cfg = cfg.model_copy(update={"tasks": cfg.tasks.model_copy(update={"class_weighting": mode, "synthetic_count": count}),
-                                 "finetune": cfg.finetune.model_copy(update={"seed": seed})})
+    tasks = cfg.tasks.model_copy(update={"class_weighting": mode, "synthetic_count": count, "baseline_epochs": epochs})
+    cfg = cfg.model_copy(update={"tasks": tasks, "finetune": cfg.finetune.model_copy(update={"seed": seed})})
     ops = TASKS.get("segmentation")()
     data = split(load_task_data(cfg, data_dir=work / "data"), cfg.tasks.eval_fraction, 0)  # one split for all seeds
     torch.manual_seed(seed)
     model = build_model(cfg, ops)
-    ft = cfg.finetune.model_copy(update={"epochs": epochs, "lr": cfg.tasks.baseline_lr, "kd_alpha": 0.0})
     t0 = time.perf_counter()
-    res = train_task(ops, model, None, data.train, data.eval, ft, ckpt_dir=work / f"{mode}-s{seed}",
-                     class_weight=class_weight(cfg, data))
-    s = segmentation_miou(ops.predict(res.model, data.eval.images), data.eval.masks, num_classes=cfg.model.num_classes)
-    return {"mode": mode, "seed": seed, "mIoU": res.best_metric, "per_class_iou": [float(v) for v in s.per_class],
+    # the pipeline's own baseline training (trains ``model`` in place, ending on its best epoch)
+    res = train_baseline(cfg, ops, model, data, work / f"{mode}-s{seed}", class_weight(cfg, data))
+    assert res is not None  # model.weights is None and baseline_epochs > 0
+    s = segmentation_miou(ops.predict(model, data.eval.images), data.eval.masks, num_classes=cfg.model.num_classes)
+    return {"mode": mode, "seed": seed, "mIoU": res["best_metric"], "per_class_iou": [float(v) for v in s.per_class],
             "epochs": epochs, "train_images": len(data.train), "eval_images": len(data.eval),
             "seconds": time.perf_counter() - t0}
 

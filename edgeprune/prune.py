@@ -464,8 +464,9 @@ def _skip_reasons(model: nn.Module, x: torch.Tensor, ignored: dict[str, str],
         reasons.setdefault(n, "not reached by tracing")
     # the ignored roots are not searched again: some are there because torch-pruning's group search
     # does not end on them (unmappable_roots); the rest of the search gets the trace budget
+    modules = dict(model.named_modules())
     with time_budget(trace_timeout_s, "mapping the coupled groups for the per-layer table"):
-        groups = graph.groups(ignored=[n for n in ignored if n in dict(model.named_modules())])
+        groups = graph.groups(ignored=[n for n in ignored if n in modules])
     for group in groups:
         blockers = [n for n in group.members if n in ignored]
         for n in group.members:
