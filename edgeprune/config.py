@@ -264,6 +264,9 @@ class TaskConfig(Strict):
     synthetic_count: int = Field(96, ge=8, description="synthetic: images generated")
     synthetic_seed: int = 0
     synthetic_max_defects: int = Field(3, ge=1)
+    synthetic_size: Optional[int] = Field(None, ge=32, description="synthetic: side of the generated images in pixels "
+                                                                   "(default: the input size); the loader resizes them "
+                                                                   "to the input, so a smaller side draws larger defects")
     eval_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of the images held out for metric and gate")
     baseline_epochs: float = Field(0.0, ge=0.0, description="train the unpruned model first when model.weights is "
                                                            "None (random weights give no meaningful metric)")

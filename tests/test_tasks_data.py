@@ -122,6 +122,25 @@ def test_resizing_scales_boxes_and_masks_nearest(small_set):
     assert torch.equal(det.masks[0], torch.from_numpy(s.mask).long().repeat_interleave(2, 0).repeat_interleave(2, 1))
 
 
+def test_synthetic_size_draws_larger_defects_at_the_input_size(tmp_path):
+    from edgeprune.config import PipelineConfig
+    from edgeprune.tasks.loading import load_task_data
+
+    cfg = PipelineConfig.model_validate({
+        "name": "t", "task": "detection", "model": {"arch": "ssdlite320_mobilenet_v3_large", "num_classes": 4},
+        "data": {"preprocessing": {"channels": 3, "height": 64, "width": 64, "mean": [0.5] * 3, "std": [0.25] * 3}},
+        "tasks": {"synthetic_count": 8, "synthetic_size": 32, "synthetic_seed": 3}})
+    det = load_task_data(cfg, data_dir=tmp_path / "data")
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["generator"]["size"] == 32 and det.images.shape == (8, 3, 64, 64)
+    s = make_sample(3, 1, size=32)  # generated at 32 px, boxes twice as large at the 64 px input
+    assert torch.equal(det.boxes[1], 2.0 * torch.tensor(s.boxes, dtype=torch.float32).view(-1, 4))
+    default = load_task_data(cfg.model_copy(update={"tasks": cfg.tasks.model_copy(update={"synthetic_size": None})}),
+                             data_dir=tmp_path / "data")  # regenerated at the input size: the manifest differs
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text())["generator"]["size"] == 64
+    assert torch.equal(default.boxes[1], torch.tensor(make_sample(3, 1, size=64).boxes, dtype=torch.float32).view(-1, 4))
+
+
 # ----------------------------------------------------------------------------- loaders: bad data
 
 

@@ -68,13 +68,14 @@ def generate_synthetic(cfg: PipelineConfig, data_dir: Path) -> Path:
     pre, t = cfg.data.preprocessing, cfg.tasks
     if pre.height != pre.width:
         raise ConfigError(f"synthetic data is square; data.preprocessing is {pre.width}x{pre.height} (WxH)")
-    want = {"seed": t.synthetic_seed, "size": pre.height, "max_defects": t.synthetic_max_defects}
+    size = t.synthetic_size or pre.height
+    want = {"seed": t.synthetic_seed, "size": size, "max_defects": t.synthetic_max_defects}
     manifest = data_dir / "manifest.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         if m.get("generator") == want and m.get("count") == t.synthetic_count:
             return data_dir
-    write_inspection_set(data_dir, seed=t.synthetic_seed, count=t.synthetic_count, size=pre.height,
+    write_inspection_set(data_dir, seed=t.synthetic_seed, count=t.synthetic_count, size=size,
                          max_defects=t.synthetic_max_defects, overwrite=True)
     return data_dir
 

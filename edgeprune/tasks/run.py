@@ -35,7 +35,7 @@ from ..config import PipelineConfig, Precision, TargetConfig, resolve_targets
 from ..errors import ConfigError
 from ..safety import atomic_write
 from .loading import Split, check_classes, load_task_data, split
-from .models import build, prune_to_macs, traced_view
+from .models import build, macs_of, prune_to_macs, traced_view
 from .ops import TaskOps, get_task, metric_drop_pt
 from .train import train_task
 
@@ -130,8 +130,7 @@ def prune(cfg: PipelineConfig, model: nn.Module, example: torch.Tensor, importan
     return res.model.eval(), {"ratio": res.ratio, "round_to": round_to, "macs_before": res.macs_before,
                               "macs_after": res.macs_after,
                               "macs_reduction": res.reduction, "params_before": params[0], "params_after": params[1],
-                              "macs_of": "the traced view (backbone, neck and heads; detection post-processing "
-                                         "not counted)"}
+                              "macs_of": macs_of(model)}
 
 
 CALIBRATION_IMAGES = 64
