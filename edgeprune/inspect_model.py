@@ -36,6 +36,7 @@ class InspectReport:
     min_params: Optional[int] = None
     max_layer_ratio: float = 0.8
     kept: dict[str, str] = field(default_factory=dict)  # layer -> why the task keeps it whole (task models)
+    own_graph: dict[str, str] = field(default_factory=dict)  # layer -> the extra view that prunes it (task models)
 
     @property
     def prunable(self) -> bool:
@@ -59,6 +60,9 @@ class InspectReport:
                          + (f"; in: {', '.join(g.consumers)}" if g.consumers else ""))
         for name, why in self.skipped.items():
             lines.append(f"  skip {name}: {why}")
+        if self.own_graph:
+            lines.append(f"pruned in a graph of their own (same ratio, L1): {len(self.own_graph)}")
+            lines += [f"  {name}: {why}" for name, why in self.own_graph.items()]
         if self.kept:
             lines.append(f"kept (fixed by the task): {len(self.kept)}")
             lines += [f"  {name}: {why}" for name, why in self.kept.items()]
@@ -163,11 +167,11 @@ def _task_skipped(graph: Graph, view: nn.Module, leaves: dict[str, str], groups:
 
 def _task_dry_run(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[Optional[int], Optional[int], Optional[str]]:
     """The task pipeline's own prune step (fixed layers kept) on a copy at ``ratio``."""
-    from .tasks.models import prune_once, traced_view
+    from .tasks.models import model_macs, prune_once, traced_view
 
     try:
         pruned = prune_once(model, x, ratio)
-        macs, params = count_macs_params(traced_view(pruned), x)
+        macs, params = model_macs(pruned, x), count_macs_params(traced_view(pruned), x)[1]
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises plain exceptions; reported, not raised
         return None, None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
     return macs, params, None
@@ -178,14 +182,20 @@ def inspect_task_model(model: nn.Module, example_inputs: torch.Tensor, *, max_la
     """What the task pipeline's pruner does with a segmentation / detection model: the coupled groups of its
     traced view, the layers kept whole because the task fixes their output channels (``kept``, with the
     reasons of :func:`edgeprune.tasks.models.fixed_layer_names`), and a dry-run prune at ``max_layer_ratio``.
-    MACs and parameters are those of the traced view (detection post-processing is not counted)."""
-    from .tasks.models import fixed_layer_names, traced_view
+    MACs are those the pruner targets (:func:`edgeprune.tasks.models.model_macs`: the traced view, plus
+    Faster R-CNN's box head once per proposal; detection post-processing is not counted)."""
+    from .tasks.models import extra_views, fixed_layer_names, model_macs, traced_view
 
     model = model.eval()
     view = traced_view(model)
-    macs, params = count_macs_params(view, example_inputs)
-    report = InspectReport(f"{type(model).__name__} (traced view {type(view).__name__})", tuple(example_inputs.shape),
-                           macs, params, max_layer_ratio=max_layer_ratio, kept=fixed_layer_names(model))
+    params = count_macs_params(view, example_inputs)[1]
+    extras = extra_views(model)
+    own = {f"{e.prunes}.{n}": e.what for e in extras for n, m in model.get_submodule(e.prunes).named_modules()
+           if isinstance(m, PRUNABLE)}
+    report = InspectReport(f"{type(model).__name__} (traced view {type(view).__name__}"
+                           f"{''.join(' + ' + e.what for e in extras)})", tuple(example_inputs.shape),
+                           model_macs(model, example_inputs), params, max_layer_ratio=max_layer_ratio,
+                           kept=fixed_layer_names(model), own_graph=own)
     leaves = _kept_leaves(view, report.kept)
     try:
         graph = build_graph(view, example_inputs, timeout_s=trace_timeout_s)
@@ -194,7 +204,7 @@ def inspect_task_model(model: nn.Module, example_inputs: torch.Tensor, *, max_la
         return report
     groups = graph.groups(ignored=list(leaves))  # torch-pruning leaves out every group holding a kept layer
     report.groups = [_unprefixed(g) for g in groups]
-    report.skipped = _task_skipped(graph, view, leaves, report.groups)
+    report.skipped = {n: why for n, why in _task_skipped(graph, view, leaves, report.groups).items() if n not in own}
     report.unwrapped = [n.removeprefix(VIEW_PREFIX) for n in graph.unwrapped()]
     report.min_macs, report.min_params, report.prune_error = _task_dry_run(model, example_inputs, max_layer_ratio)
     return report

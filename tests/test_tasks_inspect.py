@@ -88,3 +88,15 @@ def test_task_model_factories_are_trusted_first_and_built_without_downloads():
     # torchvision's default weights_backbone would be downloaded (no network here): it is set to None
     model = build("torchvision.models.segmentation:lraspp_mobilenet_v3_large", 3)
     assert type(model).__name__ == "LRASPP" and model.classifier.low_classifier.out_channels == 3
+
+
+def test_inspect_faster_rcnn_lists_the_box_head_as_pruned_in_its_own_graph():
+    out = _inspect("fasterrcnn_mobilenet_v3_large_320_fpn", "--num-classes", "4", "--input-shape", "3,64,64")
+    assert out.startswith("FasterRCNN (traced view RPNOut + RoI box head x 150 proposals) input (1, 3, 64, 64)")
+    lines = out.splitlines()
+    start = lines.index("pruned in a graph of their own (same ratio, L1): 2")
+    assert lines[start + 1: start + 3] == ["  roi_heads.box_head.fc6: RoI box head x 150 proposals",
+                                           "  roi_heads.box_head.fc7: RoI box head x 150 proposals"]
+    assert "skip roi_heads.box_head" not in out  # no longer reported as unreachable
+    kept = dict(line.split(": ", 1) for line in _kept_section(out))
+    assert list(kept) == ["backbone.fpn", "rpn.head", "roi_heads.box_predictor"]

@@ -125,6 +125,7 @@ class ExtraView:
     per_image: int  # how many times it runs per image (its MACs count that often)
     ignored: list[nn.Module]  # its layers whose output channels the task fixes
     what: str
+    prunes: str  # the module path whose layers it slims
 
 
 def extra_views(model: nn.Module) -> list[ExtraView]:
@@ -137,7 +138,7 @@ def extra_views(model: nn.Module) -> list[ExtraView]:
     proposals = int(m.rpn._post_nms_top_n["testing"])
     example = torch.zeros(1, int(m.backbone.out_channels), int(rh), int(rw))
     return [ExtraView(BoxHeadOut(model), example, proposals, [model.get_submodule("roi_heads.box_predictor")],
-                      f"RoI box head x {proposals} proposals")]
+                      f"RoI box head x {proposals} proposals", "roi_heads.box_head")]
 
 
 def traced_view(model: nn.Module) -> nn.Module:
