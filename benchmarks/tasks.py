@@ -138,6 +138,39 @@ def fit_seed(name: str, seed: int, args) -> dict:
             "macs_reduction": fitted.report["prune"]["macs_reduction"], "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def fit_control(name: str, args) -> dict:
+    """The control for extra training: the unpruned model (seed 0) fine-tuned with the same recipe as the
+    pruned one (same epochs, KD from its own starting point, same class weights); PyTorch metrics. A pruned
+    model that beats its unpruned starting point may owe that to the extra epochs, not to the pruning."""
+    import copy
+
+    from edgeprune.tasks.run import class_weight, fit
+    from edgeprune.tasks.train import train_task
+
+    cfg = config(name, args.threads, args.epochs_scale)
+    fitted = fit(cfg, args.work / name)  # resumes from the checkpoints of the cells' run
+    ops, data = fitted.ops, fitted.data
+    student = copy.deepcopy(fitted.model)
+    train_task(ops, student, fitted.model, data.train, data.eval, cfg.finetune, ckpt_dir=args.work / name / "control",
+               ignore_index=cfg.tasks.ignore_index, progress=True, class_weight=class_weight(cfg, data))
+    control = ops.metric(ops.predict(student.eval(), data.eval.images), data.eval, ignore_index=cfg.tasks.ignore_index)
+    return {"model": cfg.model.arch, "metric_name": ops.primary, "before": fitted.report["torch"]["baseline"],
+            "control": control, "pruned": fitted.report["torch"]["pruned"], "epochs": cfg.finetune.epochs,
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _control_rows(results: dict, models: list[str]) -> list[str]:
+    rows = []
+    for name in models:
+        c = results.get(f"{name}/control")
+        if not c:
+            continue
+        m = c["metric_name"]
+        b, k, p = c["before"][m], c["control"][m], c["pruned"][m]
+        rows.append(f"| {c['model']} | {c['epochs']:g} | {b:.4f} | {k:.4f} | {p:.4f} | {100 * (k - p):.2f} |")
+    return rows
+
+
 def table(results: dict, models: list[str]) -> str:
     lines = ["# Segmentation and detection at 2x MACs (benchmarks/tasks.py)", "",
              "Generated inspection set (edgeprune.tasks.synthetic), models trained from random initialisation on it, "
@@ -163,7 +196,8 @@ def table(results: dict, models: list[str]) -> str:
                 lines.append(f"| {c['model']} | {c['runtime']} | {p} | {c['macs_reduction']:.2f}x | {ep} | {c['metric_name']} | "
                              f"{_f(c['metric_before'])} | {_f(c['metric_after'])} | {drop:.2f} | "
                              f"{_f(c['p50_before_ms'], 3)} | {_f(c['p50_after_ms'], 3)} | {_f(c['speedup'], 2)} |")
-    random_input = [k for k, c in results.items() if "timing_input" not in c and "error" not in c and "/seed" not in k]
+    random_input = [k for k, c in results.items() if "timing_input" not in c and "error" not in c
+                    and "/seed" not in k and not k.endswith("/control")]
     if random_input:
         lines += ["", f"Timed on seeded random input (run before the timing moved to a real eval image; the same "
                       f"work for a segmenter, not for a detector's NMS): {', '.join(sorted(random_input))}."]
@@ -173,6 +207,12 @@ def table(results: dict, models: list[str]) -> str:
                       "model and draws its own train / eval split; seed 0 is the model of the cells above):", "",
                       "| model | seeds | before (mean +- sd) | after (mean +- sd) | drop pt per seed | drop pt mean +- sd |",
                       "|---|---|---|---|---|---|"] + spread
+    control = _control_rows(results, models)
+    if control:
+        lines += ["", "Control for the extra training (PyTorch, seed 0): the unpruned model fine-tuned with the "
+                      "pruned one's recipe (same epochs, KD from itself). Drop vs control = control - pruned, in points:",
+                  "", "| model | fine-tune epochs | unpruned | unpruned + same fine-tuning | pruned | drop vs control (pt) |",
+                  "|---|---|---|---|---|---|"] + control
     if failed:
         lines += ["", "Failed cells:", ""] + [f"- {f}" for f in failed]
     if missing:
@@ -195,6 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="*", default=[],
                     help="also fit --models with these finetune seeds (other than 0) and report the spread of the "
                          "PyTorch drop")
+    ap.add_argument("--control", action="store_true",
+                    help="also fine-tune the unpruned model (seed 0) with the pruned one's recipe (the extra-training control)")
     ap.add_argument("--redo", action="store_true", help="run the cells of --models again (drop their results first)")
     args = ap.parse_args(argv)
     from edgeprune.safety import atomic_write
@@ -202,7 +244,7 @@ def main(argv=None) -> int:
     path = args.out.with_suffix(".json")
     results = json.loads(path.read_text()) if path.is_file() else {}
     if args.redo and not args.table_only:
-        results = {k: v for k, v in results.items() if k.split("/")[0] not in args.models}
+        results = {k: v for k, v in results.items() if k.split("/")[0] not in args.models}  # cells, seeds, control
         atomic_write(path, json.dumps(results, indent=1, default=str))
     if not args.table_only:
         from edgeprune.tasks.run import fit
@@ -224,6 +266,12 @@ def main(argv=None) -> int:
                 results[f"{name}/{rt}/{p}"] = cell
                 atomic_write(path, json.dumps(results, indent=1, default=str))
         for name in args.models:
+            if args.control and f"{name}/control" not in results:
+                print(f"== {name} control", flush=True)
+                cell = fit_control(name, args)
+                results = json.loads(path.read_text()) if path.is_file() else {}
+                results[f"{name}/control"] = cell
+                atomic_write(path, json.dumps(results, indent=1, default=str))
             for seed in args.seeds:
                 key = f"{name}/seed{seed}"
                 if seed == 0 or key in results:
