@@ -68,20 +68,29 @@ def config(name: str, threads: int, epochs_scale: float):
 def run_cell(cfg, fitted, work: Path, runtime: str, precision: str, threads: int) -> dict:
     from edgeprune.config import Precision, load_target
     from edgeprune.tasks.deploy import export_task_onnx
-    from edgeprune.tasks.run import _bench, check_artifact
+    from edgeprune.tasks.run import _bench, check_artifact, check_int8
 
     ops, data = fitted.ops, fitted.data
     target = load_target(TARGETS[runtime]).model_copy(update={"threads": threads})
     prec, kind = Precision(precision), type(fitted.model).__name__
-    arts, rows = {}, {}
-    for side, model, ref in (("baseline", fitted.model, fitted.ref_base), ("pruned", fitted.pruned, fitted.ref_pruned)):
+    base_metric = fitted.report["torch"]["baseline"][ops.primary]
+    onnx = {}
+    for side, model in (("baseline", fitted.model), ("pruned", fitted.pruned)):
         view, names = ops.export_view(model)
-        onnx = export_task_onnx(view, data.eval.images[:1], work / f"{side}.onnx", names)  # always: a model may
-        # have been pruned or fine-tuned again since an earlier run of the script
-        row = check_artifact(cfg, ops, target, prec, onnx, work / "artifacts" / runtime / precision / side, data, ref,
-                             fitted.report["torch"]["baseline"][ops.primary], kind)
-        arts[side] = row.pop("artifact")
-        rows[side] = row
+        onnx[side] = export_task_onnx(view, data.eval.images[:1], work / f"{side}.onnx", names)  # always: a model
+        # may have been pruned or fine-tuned again since an earlier run of the script
+    where, rows, overrides = work / "artifacts" / runtime / precision, {}, None
+    if prec == Precision.int8:  # as the pipeline ships it: the recovery ladder when rung 0 fails its gate,
+        # and the unpruned model compiled with the shipped rung's options
+        rows["pruned"], overrides = check_int8(cfg, ops, target, onnx, where, data, (fitted.pruned, fitted.ref_pruned),
+                                               base_metric, kind, fitted.report["torch"]["drop_pt"])
+    else:
+        rows["pruned"] = check_artifact(cfg, ops, target, prec, onnx["pruned"], where / "pruned", data,
+                                        fitted.ref_pruned, base_metric, kind)
+    rows["baseline"] = check_artifact(cfg, ops, target, prec, onnx["baseline"], where / "baseline", data,
+                                      fitted.ref_base, base_metric, kind, overrides=overrides)
+    arts = {side: rows[side].pop("artifact") for side in ("baseline", "pruned")}
+    ladder = rows["pruned"].get("int8_ladder")
     lat = _bench(cfg, target, arts, data.eval.images[:1])
     m = ops.primary
     return {"model": cfg.model.arch, "task": cfg.task, "runtime": target.name, "precision": precision,
@@ -94,7 +103,9 @@ def run_cell(cfg, fitted, work: Path, runtime: str, precision: str, threads: int
             "epochs": [cfg.tasks.baseline_epochs, cfg.finetune.epochs], "timing_input": "one eval image",
             "class_weighting": cfg.tasks.class_weighting if cfg.task == "segmentation" else None,
             "images": cfg.tasks.synthetic_count, "generated_size": cfg.tasks.synthetic_size or cfg.data.preprocessing.height,
-            "macs_of": fitted.report["prune"].get("macs_of"), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "macs_of": fitted.report["prune"].get("macs_of"), "passed": rows["pruned"]["passed"],
+            "int8_rung": None if ladder is None else [ladder.get("shipped_rung"), ladder.get("shipped")],
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def _f(v, d=4):
@@ -176,9 +187,12 @@ def table(results: dict, models: list[str]) -> str:
              "Generated inspection set (edgeprune.tasks.synthetic), models trained from random initialisation on it, "
              "scored with dense SAE-MI, pruned (predictors kept), fine-tuned with KD; metric on the eval split of each "
              "compiled artifact (before = unpruned, after = pruned, same runtime and precision); p50 of "
-             "interleaved timing, batch 1, CPU, threads as listed. Drop in points of mIoU / mAP@0.5.", "",
+             "interleaved timing, batch 1, CPU, threads as listed. Drop in points of mIoU / mAP@0.5. INT8 cells "
+             "that name a rung: as the pipeline ships it (the recovery ladder's shipped rung, the unpruned model compiled "
+             "with the same options); the others: host defaults, no ladder. "
+             "Gate (newer cells): the pruned artifact's drop vs the unpruned PyTorch model <= 1 pt, FP32 parity.", "",
              "| model | runtime | precision | MACs red. | epochs (base / fine-tune) | metric | before | after | drop (pt) | "
-             "p50 before ms | p50 after ms | speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "p50 before ms | p50 after ms | speed-up | gate |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     missing, failed = [], []
     for name in models:
         for rt in TARGETS:
@@ -193,9 +207,11 @@ def table(results: dict, models: list[str]) -> str:
                     ep += " (CE weighted)" if c.get("class_weighting", "none") != "none" else " (plain CE)"
                 if "images" in c:
                     ep += f", {c['images']} images drawn at {c['generated_size']} px"
-                lines.append(f"| {c['model']} | {c['runtime']} | {p} | {c['macs_reduction']:.2f}x | {ep} | {c['metric_name']} | "
+                pc = p if not c.get("int8_rung") else f"{p} (rung {c['int8_rung'][0]})"
+                lines.append(f"| {c['model']} | {c['runtime']} | {pc} | {c['macs_reduction']:.2f}x | {ep} | {c['metric_name']} | "
                              f"{_f(c['metric_before'])} | {_f(c['metric_after'])} | {drop:.2f} | "
-                             f"{_f(c['p50_before_ms'], 3)} | {_f(c['p50_after_ms'], 3)} | {_f(c['speedup'], 2)} |")
+                             f"{_f(c['p50_before_ms'], 3)} | {_f(c['p50_after_ms'], 3)} | {_f(c['speedup'], 2)} | "
+                             f"{'-' if 'passed' not in c else ('pass' if c['passed'] else 'FAIL')} |")
     random_input = [k for k, c in results.items() if "timing_input" not in c and "error" not in c
                     and "/seed" not in k and not k.endswith("/control")]
     if random_input:
