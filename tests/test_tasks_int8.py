@@ -101,11 +101,31 @@ def test_head_layers_are_the_quantized_ops_outside_the_backbone_nearest_the_outp
                                                                        "/model/classifier/Add"]
 
 
-def test_detection_stops_after_rung_1_and_segmentation_ranks_the_head_ops(monkeypatch):
+# an SSD-like graph: backbone, head convs, then box decoding (kept in float by the post-processing scope)
+DET_GRAPH = [("/model/backbone/b0/Conv", "Convolution"),
+             ("/model/head/classification_head/module_list.0/Conv", "Convolution"),
+             ("/model/head/regression_head/module_list.0/Conv", "Convolution"),
+             ("/model/head/Shape", "ShapeOf"), ("/model/box_coder/Mul", "Multiply"), ("/model/Add", "Add")]
+
+
+def test_detection_rung_2_keeps_the_heads_in_float_without_a_ranking(monkeypatch):
+    monkeypatch.setattr(task_int8, "op_names", lambda path, backend: DET_GRAPH)
+    target = load_target("intel-cpu-openvino")
+    rungs, ladder = task_int8.task_rungs(_LadderBackend(), target, Path("m.onnx"), "detection", None)
+    got = list(rungs)
+    assert [(r.index, r.name) for r in got] == [(0, "host defaults"), (1, "overflow_fix on every layer"),
+                                                (2, task_int8.DETECTION_HEAD_RUNG)]
+    heads = ["/model/head/classification_head/module_list.0/Conv", "/model/head/regression_head/module_list.0/Conv"]
+    assert got[2].excluded == heads and got[2].options == {"ignored_scope": heads}
+    assert ladder.sensitivity is None  # nothing was ranked
+    monkeypatch.setattr(task_int8, "op_names", lambda path, backend: GRAPH)  # no detector heads: no rung 2
+    rungs, _ = task_int8.task_rungs(_LadderBackend(), target, Path("m.onnx"), "detection", None)
+    assert [r.index for r in rungs] == [0, 1]
+
+
+def test_segmentation_ranks_the_head_ops(monkeypatch):
     monkeypatch.setattr(task_int8, "op_names", lambda path, backend: GRAPH)
     target = load_target("intel-cpu-openvino")
-    rungs, _ = task_int8.task_rungs(_LadderBackend(), target, Path("m.onnx"), "detection", None)
-    assert [(r.index, r.name) for r in rungs] == [(0, "host defaults"), (1, "overflow_fix on every layer")]
     measured: list = []
 
     def error_of(options):  # keeping the logits' Add in float helps most, then op13

@@ -14,7 +14,9 @@ rung 2  segmentation only: the k most sensitive ops in float (k = 1 .. ``max_flo
         On the example's LR-ASPP the INT8 loss sits there, in the sum of the two classifier branches'
         logits (``/model/classifier/Add``), an op a convolution-only pass does not see.
         A detector's outputs are boxes after NMS (padded to a fixed size): their L2 error jumps
-        whenever NMS keeps another set, which ranks nothing, so detection stops after rung 1.
+        whenever NMS keeps another set, which ranks nothing. Detection's rung 2 is therefore one
+        attempt without a ranking: every quantized op of the detector's heads (:data:`DETECTION_HEADS`:
+        SSD head; RPN head, RoI box head and predictor) in float, the backbone alone in INT8.
 
 For a detector, each rung's exclusions are merged with the post-processing float scope in
 :func:`edgeprune.tasks.deploy.compile_artifact`. Every attempt compiles into its own folder under
@@ -61,6 +63,9 @@ HEAD_OP_TYPES = {
                     "ReduceMean", "AveragePool"),
 }
 BACKBONE = "/model/backbone/"
+# the quantized heads of each detector kind (edgeprune.tasks.det_ops.QUANTIZED_PREFIXES without the backbone)
+DETECTION_HEADS = ("/model/head/", "/model/rpn/head/", "/model/roi_heads/box_head/", "/model/roi_heads/box_predictor/")
+DETECTION_HEAD_RUNG = "detection heads in float (backbone INT8)"
 
 
 def head_layers(onnx_path: Path, backend: str, cap: int = MAX_SENSITIVITY_LAYERS) -> list[str]:
@@ -91,7 +96,25 @@ def task_rungs(backend: Any, target: TargetConfig, onnx_path: Path, task: str,
     rung2 = error_of is not None and task in SENSITIVITY_TASKS
     t = target if rung2 else target.model_copy(update={"options": {**target.options, "max_float_layers": 0}})
     ladder = Int8Ladder(_HeadLayers(backend), t, onnx_path, error_of or (lambda options: float("nan")))
+    if task == "detection":
+        return _then_heads_in_float(ladder, backend, onnx_path), ladder
     return ladder.rungs(), ladder
+
+
+def detection_head_layers(onnx_path: Path, backend: str) -> list[str]:
+    """Every op a quantizer touches under the detector's heads (:data:`DETECTION_HEADS`), in graph order."""
+    types = HEAD_OP_TYPES.get(backend, HEAD_OP_TYPES["onnxruntime"])
+    return [n for n, t in op_names(onnx_path, backend) if t in types and n.startswith(DETECTION_HEADS)]
+
+
+def _then_heads_in_float(ladder: Int8Ladder, backend: Any, onnx_path: Path) -> Iterator[Rung]:
+    """Rungs 0 and 1 of ``ladder``, then (where the backend climbs at all) the heads in float."""
+    yield from ladder.rungs()
+    if not ladder.supported(backend):
+        return
+    layers = detection_head_layers(onnx_path, backend.name)
+    if layers:
+        yield Rung(2, DETECTION_HEAD_RUNG, backend.exclude_options(layers), layers)
 
 
 def error_probe(compile_fn: Callable[[dict[str, Any], Path], Callable[[np.ndarray], list[np.ndarray]]],
