@@ -274,6 +274,8 @@ class TaskConfig(Strict):
     class_weighting: Literal["none", "inverse-sqrt-frequency"] = Field(
         "inverse-sqrt-frequency", description="segmentation: CE weight per class from the training masks' pixel "
                                               "frequencies (defects cover < 1 % of the pixels); none: plain CE")
+    calibration_images: int = Field(300, ge=1, description="INT8: train images the quantizer calibrates on (NNCF's "
+                                                           "default subset size; fewer if the train split is smaller)")
     score_threshold: float = Field(0.05, ge=0.0, lt=1.0, description="detection: boxes kept by the exported graph")
     min_pixel_agreement: float = Field(0.99, ge=0.0, le=1.0, description="segmentation FP32 parity")
     parity_iou: float = Field(0.9, gt=0.0, le=1.0, description="detection FP32 parity: IoU of a matched box")

@@ -133,12 +133,9 @@ def prune(cfg: PipelineConfig, model: nn.Module, example: torch.Tensor, importan
                               "macs_of": macs_of(model)}
 
 
-CALIBRATION_IMAGES = 64
-
-
-def _calibration(data: Split, target: TargetConfig) -> np.ndarray:
-    """Up to 64 train images; the backend refuses fewer than its ``min_calibration``."""
-    return data.train.images[:CALIBRATION_IMAGES].numpy().astype(np.float32)
+def _calibration(cfg: PipelineConfig, data: Split) -> np.ndarray:
+    """Up to ``tasks.calibration_images`` train images; the backend refuses fewer than its ``min_calibration``."""
+    return data.train.images[:cfg.tasks.calibration_images].numpy().astype(np.float32)
 
 
 def check_artifact(cfg, ops, target, precision, onnx_path, out, data, ref, base_metric, kind,
@@ -148,7 +145,7 @@ def check_artifact(cfg, ops, target, precision, onnx_path, out, data, ref, base_
     from .deploy import compile_artifact
 
     art = compile_artifact(onnx_path, out, target=target, precision=precision,
-                           calibration=_calibration(data, target) if precision == Precision.int8 else None,
+                           calibration=_calibration(cfg, data) if precision == Precision.int8 else None,
                            kind=kind, overrides=overrides)
     got, metric = _artifact_metric(cfg, ops, art, target, data)
     parity = ops.parity(ref, got, cfg.tasks, strict=precision == Precision.fp32)
@@ -209,7 +206,7 @@ def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_met
                                      base_metric, kind)
             arts = {"pruned": row.pop("artifact")}
             if cfg.bench.baseline:
-                cal = _calibration(data, target) if precision == Precision.int8 else None
+                cal = _calibration(cfg, data) if precision == Precision.int8 else None
                 arts["baseline"] = compile_artifact(onnx["baseline"], where / "baseline", target=target,
                                                     precision=precision, calibration=cal, kind=kind,
                                                     overrides=overrides)
@@ -267,7 +264,7 @@ def _sensitivity_probe(ops, target, onnx_path: Path, data: Split, pruned: nn.Mod
 
     def compile_fn(options: dict, out_dir: Path):
         art = compile_artifact(onnx_path, out_dir, target=target, precision=Precision.int8,
-                               calibration=_calibration(data, target), kind=kind, overrides=options)
+                               calibration=_calibration(cfg, data), kind=kind, overrides=options)
         return load_runner(art, target)
     return error_probe(compile_fn, images.numpy().astype(np.float32), reference, tmp)
 
