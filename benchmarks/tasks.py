@@ -105,6 +105,7 @@ def run_cell(cfg, fitted, work: Path, runtime: str, precision: str, threads: int
             "images": cfg.tasks.synthetic_count, "generated_size": cfg.tasks.synthetic_size or cfg.data.preprocessing.height,
             "macs_of": fitted.report["prune"].get("macs_of"), "passed": rows["pruned"]["passed"],
             "int8_rung": None if ladder is None else [ladder.get("shipped_rung"), ladder.get("shipped")],
+            "calibration_images": min(cfg.tasks.calibration_images, len(data.train)) if prec == Precision.int8 else None,
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -189,7 +190,8 @@ def table(results: dict, models: list[str]) -> str:
              "compiled artifact (before = unpruned, after = pruned, same runtime and precision); p50 of "
              "interleaved timing, batch 1, CPU, threads as listed. Drop in points of mIoU / mAP@0.5. INT8 cells "
              "that name a rung: as the pipeline ships it (the recovery ladder's shipped rung, the unpruned model compiled "
-             "with the same options); the others: host defaults, no ladder. "
+             "with the same options; calibrated on up to tasks.calibration_images = 300 train images); the others: host "
+             "defaults, no ladder, 64 calibration images. "
              "Gate (newer cells): the pruned artifact's drop vs the unpruned PyTorch model <= 1 pt, FP32 parity.", "",
              "| model | runtime | precision | MACs red. | epochs (base / fine-tune) | metric | before | after | drop (pt) | "
              "p50 before ms | p50 after ms | speed-up | gate |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
