@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,3 +240,35 @@ def test_deploy_climbs_past_a_failing_rung_0_on_onnxruntime(monkeypatch, tmp_pat
     # the unpruned model is timed with the shipped rung's settings
     assert compiled[-1] == ("baseline.onnx", "baseline", {"reduce_range": True})
     assert row["latency"]["p50_ms"]["baseline"] > 0 and row["latency"]["p50_ms"]["pruned"] > 0
+
+
+@pytest.mark.slow
+def test_sensitivity_probe_compiles_with_the_configured_calibration(monkeypatch, tmp_path):
+    """Rung 2's error probe (segmentation): one INT8 compile on tasks.calibration_images, a finite logit error."""
+    from edgeprune.tasks import run as task_run
+    from edgeprune.tasks.datasets import SegmentationData
+    from edgeprune.tasks.loading import Split
+    from edgeprune.tasks.models import build
+    from edgeprune.tasks.ops import get_task
+
+    torch.manual_seed(0)
+    model = build("lraspp_mobilenet_v3_large", 4).eval()
+    classes = ["background", "a", "b", "c"]
+    data = Split(SegmentationData(torch.randn(48, 3, 32, 32), torch.randint(0, 4, (48, 32, 32)), classes, "t"),
+                 SegmentationData(torch.randn(3, 3, 32, 32), torch.randint(0, 4, (3, 32, 32)), classes, "t"))
+    ops = get_task("segmentation")
+    view, names = ops.export_view(model)
+    onnx = task_deploy.export_task_onnx(view, data.eval.images[:1], tmp_path / "model.onnx", names)
+    cfg = PipelineConfig.model_validate({"task": "segmentation", "tasks": {"calibration_images": 40}})
+    seen = []
+    real_compile = task_deploy.compile_artifact
+
+    def compile_spy(onnx_path, out_dir, **kw):
+        seen.append(len(kw["calibration"]))
+        return real_compile(onnx_path, out_dir, **kw)
+
+    monkeypatch.setattr(task_deploy, "compile_artifact", compile_spy)
+    error_of = task_run._sensitivity_probe(cfg, ops, _ort_target(), onnx, data, model, "LRASPP", tmp_path / "probe")
+    err = error_of({})
+    assert seen == [40] and np.isfinite(err) and err >= 0.0
+    assert not any((tmp_path / "probe").glob("s*"))  # each compile is removed once measured

@@ -244,7 +244,7 @@ def check_int8(cfg, ops, target, onnx: dict, where: Path, data: Split, pruned_re
     else:
         where.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=where, prefix=".sensitivity-") as tmp:
-            probe = _sensitivity_probe(ops, target, onnx["pruned"], data, pruned, kind, Path(tmp))
+            probe = _sensitivity_probe(cfg, ops, target, onnx["pruned"], data, pruned, kind, Path(tmp))
             rungs, ladder = task_rungs(backend, target, onnx["pruned"], ops.name, probe)
             row = climb_task(check, rungs, home, ladder=ladder)
     rec = row["int8_ladder"]
@@ -252,7 +252,8 @@ def check_int8(cfg, ops, target, onnx: dict, where: Path, data: Split, pruned_re
     return row, for_model(shipped, backend, onnx["baseline"])
 
 
-def _sensitivity_probe(ops, target, onnx_path: Path, data: Split, pruned: nn.Module, kind: str, tmp: Path):
+def _sensitivity_probe(cfg: PipelineConfig, ops, target, onnx_path: Path, data: Split, pruned: nn.Module, kind: str,
+                       tmp: Path):
     """``error_of(options)`` for rung 2 (segmentation only): logit error on a few calibration images."""
     from .deploy import compile_artifact, load_runner
     from .int8 import SENSITIVITY_IMAGES, SENSITIVITY_TASKS, error_probe
