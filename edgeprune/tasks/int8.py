@@ -36,6 +36,7 @@ import numpy as np
 from ..config import TargetConfig
 from ..int8_ladder import Attempt, Int8Ladder, Rung, climb, ladder_record, logit_error
 from .deploy import op_names
+from .det_ops import QUANTIZED_PREFIXES
 
 SENSITIVITY_IMAGES = 8
 MAX_SENSITIVITY_LAYERS = 12
@@ -63,17 +64,21 @@ HEAD_OP_TYPES = {
                     "ReduceMean", "AveragePool"),
 }
 BACKBONE = "/model/backbone/"
-# the quantized heads of each detector kind (edgeprune.tasks.det_ops.QUANTIZED_PREFIXES without the backbone)
-DETECTION_HEADS = ("/model/head/", "/model/rpn/head/", "/model/roi_heads/box_head/", "/model/roi_heads/box_predictor/")
+# the quantized heads of every detector kind: det_ops.QUANTIZED_PREFIXES without the backbone
+DETECTION_HEADS = tuple(dict.fromkeys(p for prefixes in QUANTIZED_PREFIXES.values() for p in prefixes if p != BACKBONE))
 DETECTION_HEAD_RUNG = "detection heads in float (backbone INT8)"
+
+
+def _quantized_ops(onnx_path: Path, backend: str, keep: Callable[[str], bool]) -> list[str]:
+    """The ops a quantizer touches (:data:`HEAD_OP_TYPES`) whose names ``keep`` accepts, in graph order."""
+    types = HEAD_OP_TYPES.get(backend, HEAD_OP_TYPES["onnxruntime"])
+    return [n for n, t in op_names(onnx_path, backend) if t in types and keep(n)]
 
 
 def head_layers(onnx_path: Path, backend: str, cap: int = MAX_SENSITIVITY_LAYERS) -> list[str]:
     """The quantized ops of the task head (exported under ``/model/``, outside ``/model/backbone/``) in
     graph order; when there are more than ``cap``, the last ``cap`` (nearest the output)."""
-    types = HEAD_OP_TYPES.get(backend, HEAD_OP_TYPES["onnxruntime"])
-    names = [n for n, t in op_names(onnx_path, backend)
-             if t in types and n.startswith("/model/") and not n.startswith(BACKBONE)]
+    names = _quantized_ops(onnx_path, backend, lambda n: n.startswith("/model/") and not n.startswith(BACKBONE))
     return names[-cap:] if cap > 0 else []
 
 
@@ -103,8 +108,7 @@ def task_rungs(backend: Any, target: TargetConfig, onnx_path: Path, task: str,
 
 def detection_head_layers(onnx_path: Path, backend: str) -> list[str]:
     """Every op a quantizer touches under the detector's heads (:data:`DETECTION_HEADS`), in graph order."""
-    types = HEAD_OP_TYPES.get(backend, HEAD_OP_TYPES["onnxruntime"])
-    return [n for n, t in op_names(onnx_path, backend) if t in types and n.startswith(DETECTION_HEADS)]
+    return _quantized_ops(onnx_path, backend, lambda n: n.startswith(DETECTION_HEADS))
 
 
 def _then_heads_in_float(ladder: Int8Ladder, backend: Any, onnx_path: Path) -> Iterator[Rung]:
