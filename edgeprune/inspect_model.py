@@ -167,11 +167,11 @@ def _task_skipped(graph: Graph, view: nn.Module, leaves: dict[str, str], groups:
 
 def _task_dry_run(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[Optional[int], Optional[int], Optional[str]]:
     """The task pipeline's own prune step (fixed layers kept) on a copy at ``ratio``."""
-    from .tasks.models import model_macs, prune_once, traced_view
+    from .tasks.models import model_macs_params, prune_once
 
     try:
         pruned = prune_once(model, x, ratio)
-        macs, params = model_macs(pruned, x), count_macs_params(traced_view(pruned), x)[1]
+        macs, params = model_macs_params(pruned, x)
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises plain exceptions; reported, not raised
         return None, None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
     return macs, params, None
@@ -184,17 +184,17 @@ def inspect_task_model(model: nn.Module, example_inputs: torch.Tensor, *, max_la
     reasons of :func:`edgeprune.tasks.models.fixed_layer_names`), and a dry-run prune at ``max_layer_ratio``.
     MACs are those the pruner targets (:func:`edgeprune.tasks.models.model_macs`: the traced view, plus
     Faster R-CNN's box head once per proposal; detection post-processing is not counted)."""
-    from .tasks.models import extra_views, fixed_layer_names, model_macs, traced_view
+    from .tasks.models import extra_views, fixed_layer_names, model_macs_params, traced_view
 
     model = model.eval()
     view = traced_view(model)
-    params = count_macs_params(view, example_inputs)[1]
+    macs, params = model_macs_params(model, example_inputs)
     extras = extra_views(model)
     own = {f"{e.prunes}.{n}": e.what for e in extras for n, m in model.get_submodule(e.prunes).named_modules()
            if isinstance(m, PRUNABLE)}
     report = InspectReport(f"{type(model).__name__} (traced view {type(view).__name__}"
                            f"{''.join(' + ' + e.what for e in extras)})", tuple(example_inputs.shape),
-                           model_macs(model, example_inputs), params, max_layer_ratio=max_layer_ratio,
+                           macs, params, max_layer_ratio=max_layer_ratio,
                            kept=fixed_layer_names(model), own_graph=own)
     leaves = _kept_leaves(view, report.kept)
     try:

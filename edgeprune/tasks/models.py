@@ -234,11 +234,18 @@ def count_macs(view: nn.Module, example: torch.Tensor) -> int:
     return count_macs_params(view, example)[0]
 
 
-def model_macs(model: nn.Module, example: torch.Tensor) -> int:
+def model_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     """MACs of the traced view plus each extra view times its runs per image (Faster R-CNN: the box head
-    once per proposal, at the RPN's post-NMS maximum)."""
-    return count_macs(traced_view(model), example) + sum(
-        e.per_image * count_macs(e.view, e.example) for e in extra_views(model))
+    once per proposal, at the RPN's post-NMS maximum), and the parameters of the traced view."""
+    from ..prune import count_macs_params
+
+    macs, params = count_macs_params(traced_view(model), example)
+    return macs + sum(e.per_image * count_macs(e.view, e.example) for e in extra_views(model)), params
+
+
+def model_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """The MACs of :func:`model_macs_params`: what :func:`prune_to_macs` targets."""
+    return model_macs_params(model, example)[0]
 
 
 def macs_of(model: nn.Module) -> str:
