@@ -68,42 +68,34 @@ def config(name: str, threads: int, epochs_scale: float):
 def run_cell(cfg, fitted, work: Path, runtime: str, precision: str, threads: int) -> dict:
     from edgeprune.config import Precision, load_target
     from edgeprune.tasks.deploy import export_task_onnx
-    from edgeprune.tasks.run import _bench, check_artifact, check_int8
+    from edgeprune.tasks.run import deploy_one
 
     ops, data = fitted.ops, fitted.data
     target = load_target(TARGETS[runtime]).model_copy(update={"threads": threads})
     prec, kind = Precision(precision), type(fitted.model).__name__
-    base_metric = fitted.report["torch"]["baseline"][ops.primary]
     onnx = {}
     for side, model in (("baseline", fitted.model), ("pruned", fitted.pruned)):
         view, names = ops.export_view(model)
         onnx[side] = export_task_onnx(view, data.eval.images[:1], work / f"{side}.onnx", names)  # always: a model
         # may have been pruned or fine-tuned again since an earlier run of the script
-    where, rows, overrides = work / "artifacts" / runtime / precision, {}, None
-    if prec == Precision.int8:  # as the pipeline ships it: the recovery ladder when rung 0 fails its gate,
-        # and the unpruned model compiled with the shipped rung's options
-        rows["pruned"], overrides = check_int8(cfg, ops, target, onnx, where, data, (fitted.pruned, fitted.ref_pruned),
-                                               base_metric, kind, fitted.report["torch"]["drop_pt"])
-    else:
-        rows["pruned"] = check_artifact(cfg, ops, target, prec, onnx["pruned"], where / "pruned", data,
-                                        fitted.ref_pruned, base_metric, kind)
-    rows["baseline"] = check_artifact(cfg, ops, target, prec, onnx["baseline"], where / "baseline", data,
-                                      fitted.ref_base, base_metric, kind, overrides=overrides)
-    arts = {side: rows[side].pop("artifact") for side in ("baseline", "pruned")}
-    ladder = rows["pruned"].get("int8_ladder")
-    lat = _bench(cfg, target, arts, data.eval.images[:1])
+    # as the pipeline ships it: INT8 climbs the recovery ladder when rung 0 fails its gate, and the
+    # unpruned model is compiled with the shipped rung's options
+    row = deploy_one(cfg, ops, target, prec, onnx, work / "artifacts" / runtime / precision, data,
+                     (fitted.pruned, fitted.ref_pruned), fitted.report["torch"]["baseline"][ops.primary], kind,
+                     fitted.report["torch"]["drop_pt"])
+    ladder, lat = row.get("int8_ladder"), row["latency"]
     m = ops.primary
     return {"model": cfg.model.arch, "task": cfg.task, "runtime": target.name, "precision": precision,
-            "metric_name": m, "metric_before": rows["baseline"]["metric"][m], "metric_after": rows["pruned"]["metric"][m],
-            "metrics_before": rows["baseline"]["metric"], "metrics_after": rows["pruned"]["metric"],
-            "parity_after": {k: v for k, v in rows["pruned"]["parity"].items() if k != "summary"},
+            "metric_name": m, "metric_before": row["baseline"]["metric"][m], "metric_after": row["metric"][m],
+            "metrics_before": row["baseline"]["metric"], "metrics_after": row["metric"],
+            "parity_after": {k: v for k, v in row["parity"].items() if k != "summary"},
             "p50_before_ms": lat["p50_ms"]["baseline"], "p50_after_ms": lat["p50_ms"]["pruned"],
             "speedup": lat["speedup"], "macs_reduction": fitted.report["prune"]["macs_reduction"],
             "torch": fitted.report["torch"], "threads": threads, "image_size": cfg.data.preprocessing.height,
             "epochs": [cfg.tasks.baseline_epochs, cfg.finetune.epochs], "timing_input": "one eval image",
             "class_weighting": cfg.tasks.class_weighting if cfg.task == "segmentation" else None,
             "images": cfg.tasks.synthetic_count, "generated_size": cfg.tasks.synthetic_size or cfg.data.preprocessing.height,
-            "macs_of": fitted.report["prune"].get("macs_of"), "passed": rows["pruned"]["passed"],
+            "macs_of": fitted.report["prune"].get("macs_of"), "passed": row["passed"],
             "int8_rung": None if ladder is None else [ladder.get("shipped_rung"), ladder.get("shipped")],
             "calibration_images": min(cfg.tasks.calibration_images, len(data.train)) if prec == Precision.int8 else None,
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -240,6 +232,17 @@ def table(results: dict, models: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _store(path: Path, key: str, cell: dict) -> dict:
+    """Add one finished cell to the results file at once (re-read first: another process may have added
+    cells) and return the results."""
+    from edgeprune.safety import atomic_write
+
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[key] = cell
+    atomic_write(path, json.dumps(results, indent=1, default=str))
+    return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -280,25 +283,19 @@ def main(argv=None) -> int:
                     cell = run_cell(cfg, fitted, args.work / name, rt, p, args.threads)
                 except Exception as exc:  # noqa: BLE001 - recorded in the table, the other cells still run
                     cell = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"}
-                results = json.loads(path.read_text()) if path.is_file() else {}  # another process may have added cells
-                results[f"{name}/{rt}/{p}"] = cell
-                atomic_write(path, json.dumps(results, indent=1, default=str))
+                results = _store(path, f"{name}/{rt}/{p}", cell)
         for name in args.models:
             if args.control and f"{name}/control" not in results:
                 print(f"== {name} control", flush=True)
                 cell = fit_control(name, args)
-                results = json.loads(path.read_text()) if path.is_file() else {}
-                results[f"{name}/control"] = cell
-                atomic_write(path, json.dumps(results, indent=1, default=str))
+                results = _store(path, f"{name}/control", cell)
             for seed in args.seeds:
                 key = f"{name}/seed{seed}"
                 if seed == 0 or key in results:
                     continue
                 print(f"== {name} seed {seed}", flush=True)
                 cell = fit_seed(name, seed, args)
-                results = json.loads(path.read_text()) if path.is_file() else {}
-                results[key] = cell
-                atomic_write(path, json.dumps(results, indent=1, default=str))
+                results = _store(path, key, cell)
     atomic_write(args.out.with_suffix(".md"), table(results, list(MODELS)))
     print(table(results, list(MODELS)))
     return 0

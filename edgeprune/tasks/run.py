@@ -182,7 +182,7 @@ def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_met
     """Export both models; per target and precision: check the pruned artifact (INT8: climb the recovery
     ladder while it fails its gate), time it against the unpruned one (``bench.baseline``), compiled
     with the same settings (INT8: the shipped rung's)."""
-    from .deploy import compile_artifact, export_task_onnx
+    from .deploy import export_task_onnx
 
     onnx = {}
     for name, m, file in (("baseline", model, "baseline.onnx"), ("pruned", pruned, "model.onnx")):
@@ -195,25 +195,33 @@ def deploy(cfg, ops, model, pruned, data: Split, out: Path, ref_pruned, base_met
     rows = []
     for target in resolve_targets(cfg.targets):
         for precision in target.precisions:
-            where = out / "artifacts" / target.name / precision.value
             _log(f"compile + check {target.name} {precision.value}")
-            overrides = None
-            if precision == Precision.int8:
-                row, overrides = check_int8(cfg, ops, target, onnx, where, data, (pruned, ref_pruned), base_metric,
-                                            kind, torch_drop)
-            else:
-                row = check_artifact(cfg, ops, target, precision, onnx["pruned"], where / "pruned", data, ref_pruned,
-                                     base_metric, kind)
-            arts = {"pruned": row.pop("artifact")}
-            if cfg.bench.baseline:
-                cal = _calibration(cfg, data) if precision == Precision.int8 else None
-                arts["baseline"] = compile_artifact(onnx["baseline"], where / "baseline", target=target,
-                                                    precision=precision, calibration=cal, kind=kind,
-                                                    overrides=overrides)
-                row["baseline"] = {"metric": _artifact_metric(cfg, ops, arts["baseline"], target, data)[1]}
-            row["latency"] = _bench(cfg, target, arts, data.eval.images[:1])
-            rows.append(row)
+            rows.append(deploy_one(cfg, ops, target, precision, onnx, out / "artifacts" / target.name / precision.value,
+                                   data, (pruned, ref_pruned), base_metric, kind, torch_drop))
     return rows
+
+
+def deploy_one(cfg, ops, target, precision, onnx: dict, where: Path, data: Split, pruned_ref, base_metric, kind,
+               torch_drop: float) -> dict:
+    """One target and precision: the pruned artifact checked into ``where/pruned`` (INT8: the recovery
+    ladder), the unpruned one (``onnx["baseline"]``, with ``bench.baseline``) compiled into
+    ``where/baseline`` with the same settings (INT8: the shipped rung's) and evaluated, both timed."""
+    from .deploy import compile_artifact
+
+    overrides = None
+    if precision == Precision.int8:
+        row, overrides = check_int8(cfg, ops, target, onnx, where, data, pruned_ref, base_metric, kind, torch_drop)
+    else:
+        row = check_artifact(cfg, ops, target, precision, onnx["pruned"], where / "pruned", data, pruned_ref[1],
+                             base_metric, kind)
+    arts = {"pruned": row.pop("artifact")}
+    if cfg.bench.baseline:
+        cal = _calibration(cfg, data) if precision == Precision.int8 else None
+        arts["baseline"] = compile_artifact(onnx["baseline"], where / "baseline", target=target, precision=precision,
+                                            calibration=cal, kind=kind, overrides=overrides)
+        row["baseline"] = {"metric": _artifact_metric(cfg, ops, arts["baseline"], target, data)[1]}
+    row["latency"] = _bench(cfg, target, arts, data.eval.images[:1])
+    return row
 
 
 def check_int8(cfg, ops, target, onnx: dict, where: Path, data: Split, pruned_ref, base_metric, kind,
