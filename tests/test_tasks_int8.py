@@ -195,9 +195,8 @@ def test_detection_agreement_is_the_matched_fraction():
 # ----------------------------------------------------------------------------- deploy, with ONNX Runtime INT8
 
 
-@pytest.mark.slow
-def test_deploy_climbs_past_a_failing_rung_0_on_onnxruntime(monkeypatch, tmp_path):
-    from edgeprune.tasks import run as task_run
+def _tiny_segmentation(train: int):
+    """A random-weight LR-ASPP (4 classes, seed 0) with a random 32 px split: ``train`` + 3 eval images."""
     from edgeprune.tasks.datasets import SegmentationData
     from edgeprune.tasks.loading import Split
     from edgeprune.tasks.models import build
@@ -206,9 +205,16 @@ def test_deploy_climbs_past_a_failing_rung_0_on_onnxruntime(monkeypatch, tmp_pat
     torch.manual_seed(0)
     model = build("lraspp_mobilenet_v3_large", 4).eval()
     classes = ["background", "a", "b", "c"]
-    data = Split(SegmentationData(torch.randn(32, 3, 32, 32), torch.randint(0, 4, (32, 32, 32)), classes, "t"),
+    data = Split(SegmentationData(torch.randn(train, 3, 32, 32), torch.randint(0, 4, (train, 32, 32)), classes, "t"),
                  SegmentationData(torch.randn(3, 3, 32, 32), torch.randint(0, 4, (3, 32, 32)), classes, "t"))
-    ops = get_task("segmentation")
+    return model, data, get_task("segmentation")
+
+
+@pytest.mark.slow
+def test_deploy_climbs_past_a_failing_rung_0_on_onnxruntime(monkeypatch, tmp_path):
+    from edgeprune.tasks import run as task_run
+
+    model, data, ops = _tiny_segmentation(train=32)
     ref = ops.predict(model, data.eval.images)
     compiled, real_check = [], task_run.check_artifact
     real_compile = task_deploy.compile_artifact
@@ -246,17 +252,8 @@ def test_deploy_climbs_past_a_failing_rung_0_on_onnxruntime(monkeypatch, tmp_pat
 def test_sensitivity_probe_compiles_with_the_configured_calibration(monkeypatch, tmp_path):
     """Rung 2's error probe (segmentation): one INT8 compile on tasks.calibration_images, a finite logit error."""
     from edgeprune.tasks import run as task_run
-    from edgeprune.tasks.datasets import SegmentationData
-    from edgeprune.tasks.loading import Split
-    from edgeprune.tasks.models import build
-    from edgeprune.tasks.ops import get_task
 
-    torch.manual_seed(0)
-    model = build("lraspp_mobilenet_v3_large", 4).eval()
-    classes = ["background", "a", "b", "c"]
-    data = Split(SegmentationData(torch.randn(48, 3, 32, 32), torch.randint(0, 4, (48, 32, 32)), classes, "t"),
-                 SegmentationData(torch.randn(3, 3, 32, 32), torch.randint(0, 4, (3, 32, 32)), classes, "t"))
-    ops = get_task("segmentation")
+    model, data, ops = _tiny_segmentation(train=48)
     view, names = ops.export_view(model)
     onnx = task_deploy.export_task_onnx(view, data.eval.images[:1], tmp_path / "model.onnx", names)
     cfg = PipelineConfig.model_validate({"task": "segmentation", "tasks": {"calibration_images": 40}})
