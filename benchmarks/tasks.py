@@ -123,8 +123,8 @@ def _seed_spread(results: dict, models: list[str]) -> list[str]:
         after = [runs[k]["pruned"][m] for k in seeds]
         drops = [100 * (b - a) for b, a in zip(before, after)]
 
-        def ms(v, scale=1.0, d=4):
-            return f"{statistics.mean(v) * scale:.{d}f} +- {statistics.stdev(v) * scale:.{d}f}"
+        def ms(v, d=4):
+            return f"{statistics.mean(v):.{d}f} +- {statistics.stdev(v):.{d}f}"
         rows.append(f"| {first['model']} | {', '.join(map(str, seeds))} | {ms(before)} | {ms(after)} | "
                     f"{', '.join(f'{d:.2f}' for d in drops)} | {ms(drops, d=2)} |")
     return rows
