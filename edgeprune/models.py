@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import importlib
 import inspect
 import os
@@ -112,14 +113,12 @@ def resolve_factory(arch: str):
 
     names = torchvision_names()
     if arch not in names:
-        import difflib
-
         close = difflib.get_close_matches(arch, names, n=3)
         raise UnknownNameError(
             f"unknown architecture {arch!r}: not a torchvision classification model and not 'module:factory'",
             hint=f"close torchvision names: {', '.join(close)}" if close else "see `edgeprune models`",
         )
-    return lambda **kw: tvm.get_model(arch, weights=None, **kw)
+    return functools.partial(tvm.get_model_builder(arch), weights=None)  # a listed builder, never downloading
 
 
 def _adapt_in_channels(model: nn.Module, in_channels: int) -> nn.Module:
@@ -138,7 +137,12 @@ def _adapt_in_channels(model: nn.Module, in_channels: int) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
+    """``cfg.arch`` built with ``cfg.kwargs`` (checked against the builder's signature by
+    :func:`edgeprune.trust.check_kwargs` first: they go to the builder and nowhere else)."""
+    from .trust import check_kwargs
+
     factory = resolve_factory(cfg.arch)
+    check_kwargs(factory, cfg.kwargs, cfg.arch)
     kwargs: dict[str, Any] = dict(cfg.kwargs)
     params: Mapping[str, inspect.Parameter]
     try:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# The factories a model folder, bundle or YAML may name as ``edgeprune.zoo:<name>`` without --trust-code.
+BUILDERS = ("fmnist_cnn", "fmnist_resnet", "fmnist_vgg", "fmnist_mobilenet")
+
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]

@@ -143,6 +143,108 @@ def test_trusted_module_must_still_name_a_model_factory(tmp_path, capsys, arch, 
     assert not mark.exists()
 
 
+class _Payload:
+    """Unpickling this touches ``mark``: the code a hostile pickle would run."""
+
+    def __init__(self, mark: Path):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.mark}",))
+
+
+def pickle_payload(tmp_path: Path) -> tuple[Path, Path]:
+    """(cache folder holding payload.pth, the marker file its unpickling would create)."""
+    mark, cache = tmp_path / "PWNED", tmp_path / "cache"
+    cache.mkdir()
+    torch.save({"x": _Payload(mark)}, cache / "payload.pth")
+    return cache, mark
+
+
+LOADER = "torchvision.models._api:load_state_dict_from_url"  # a function in an allowed module that unpickles
+
+
+@pytest.mark.parametrize("command", ["export", "finetune"])
+def test_pruned_folder_naming_a_library_loader_runs_nothing(tmp_path, capsys, command):
+    """Issue 22 row 1: an allowed module is not trusted as a whole; only its model builders are called."""
+    cache, mark = pickle_payload(tmp_path)
+    kwargs = {"url": "http://example.invalid/payload.pth", "model_dir": str(cache), "weights_only": False}
+    folder = pruned_folder(tmp_path / "evil", LOADER, kwargs)
+    args = (["export", folder, "--out", tmp_path / "m.onnx"] if command == "export"
+            else ["finetune", "--pruned", folder, "--out", tmp_path / "ft", "--epochs", "0"])
+    code, _, err = cli(capsys, *args)
+    assert_clean_failure(code, err, exit_code=2, names=("refusing to import", LOADER, "not a model builder",
+                                                        "list_models"))
+    assert not mark.exists()
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_pipeline_yaml_naming_a_library_loader_runs_nothing(tmp_path, capsys, dry_run):
+    cache, mark = pickle_payload(tmp_path)
+    cfg = write_yaml(tmp_path / "evil.yaml", {"model": {"arch": LOADER, "weights": None, "kwargs": {
+        "url": "http://example.invalid/payload.pth", "model_dir": str(cache), "weights_only": False}}})
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, "run", "--config", cfg, "-t", "cpu-onnxruntime", "--no-progress",
+                       *(["--dry-run"] if dry_run else []))
+    assert_clean_failure(code, err, exit_code=2, names=("not a model builder", LOADER))
+    assert not mark.exists()
+    assert snapshot(tmp_path) == before
+
+
+def test_trusting_a_module_does_not_trust_what_it_imports(tmp_path, capsys):
+    """--trust-code torchvision trusts factories defined there; load_state_dict_from_url is torch.hub's."""
+    cache, mark = pickle_payload(tmp_path)
+    folder = pruned_folder(tmp_path / "evil", LOADER, {"url": "http://example.invalid/payload.pth",
+                                                       "model_dir": str(cache), "weights_only": False})
+    code, _, err = cli(capsys, "--trust-code", "torchvision", "export", folder, "--out", tmp_path / "m.onnx")
+    assert_clean_failure(code, err, exit_code=2, names=("torch.hub.load_state_dict_from_url",
+                                                        "not trusted", f"--trust-code {LOADER}"))
+    assert not mark.exists()
+
+
+@pytest.mark.parametrize("arch, names", [("edgeprune.zoo:_conv_bn", ("not a model builder", "fmnist_cnn")),
+                                         ("torchvision.models:get_model", ("not a model builder", "list_models"))])
+def test_only_builders_of_the_bundled_modules_are_called(tmp_path, capsys, arch, names):
+    folder = pruned_folder(tmp_path / "p", arch, {})
+    code, _, err = cli(capsys, "export", folder, "--out", tmp_path / "m.onnx")
+    assert_clean_failure(code, err, exit_code=2, names=names)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("arch, kwargs, names", [
+    ("timm:resnet18", {"checkpoint_path": "PAYLOAD"}, ("checkpoint_path", "read weights", "model.weights")),
+    ("resnet18", {"weights": "DEFAULT"}, ("weights", "download or read weights")),
+    ("torchvision.models.segmentation:lraspp_mobilenet_v3_large", {"weights_backbone": "DEFAULT"},
+     ("weights_backbone",)),
+])
+def test_model_kwargs_that_load_weights_are_refused(tmp_path, capsys, arch, kwargs, names):
+    """Builder kwargs that would fetch or unpickle weights never reach the builder (timm's checkpoint_path
+    reads a pickle; torchvision's weights download)."""
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    cache, mark = pickle_payload(tmp_path)
+    kwargs = {k: str(cache / "payload.pth") if v == "PAYLOAD" else v for k, v in kwargs.items()}
+    folder = pruned_folder(tmp_path / "p", arch, kwargs)
+    code, _, err = cli(capsys, "export", folder, "--out", tmp_path / "m.onnx")
+    assert_clean_failure(code, err, exit_code=2, names=names)
+    assert not mark.exists()
+
+
+def test_model_kwargs_are_checked_against_the_builder_signature(tmp_path, capsys):
+    (tmp_path / "strictnets.py").write_text("from edgeprune.zoo import FmnistCNN\n\n"
+                                            "def net(num_classes=10, in_channels=1, width=8):\n"
+                                            "    return FmnistCNN(num_classes, in_channels, widths=(width,) * 3)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        folder = pruned_folder(tmp_path / "p", "strictnets:net", {"url": "x", "model_dir": "y"})
+        code, _, err = cli(capsys, "--trust-code", "strictnets", "export", folder, "--out", tmp_path / "m.onnx")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert_clean_failure(code, err, exit_code=2, names=("takes no argument", "'model_dir'", "'url'",
+                                                        "num_classes, in_channels, width"))
+
+
 def test_pipeline_yaml_arch_os_system_runs_nothing(tmp_path, capsys):
     mark = tmp_path / "PWNED"
     cfg = write_yaml(tmp_path / "evil.yaml", {"model": {"arch": "os:system", "weights": None,
