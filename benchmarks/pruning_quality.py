@@ -279,14 +279,13 @@ def prune_with(model, variant: Variant, target: float, calib, seed: int, device:
     model = model.to(device).eval()
     scores = score_model(model, calib, criterion=crit, device=device, num_classes=10,
                          **{**score_kwargs(variant), "progress": False})
-    importance = make_importance(crit, scores)
+    importance = make_importance(crit, scores, seed=seed)  # random: the seed decides the channels
     x_cal, y_cal = calib.images[:256].to(device), calib.labels[:256].to(device)
 
     def backward(m, _step):  # Taylor needs gradients on the model being pruned
         m.zero_grad()
         F.cross_entropy(m(x_cal), y_cal).backward()
 
-    torch.manual_seed(seed)  # the random criterion
     t0 = time.perf_counter()
     res = prune_model(model, x_cal[:1], importance, target_macs_reduction=target, round_to=None, progress=False,
                       scores=scores.scores or None, before_step=backward if needs_gradients(crit) else None)

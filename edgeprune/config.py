@@ -138,6 +138,7 @@ class ScoreConfig(Strict):
     criterion: str = Field(DEFAULT_CRITERION, description="a registered criterion (`edgeprune criteria`); "
                            "see benchmarks/results/pruning_quality.md for the default")
     num_images: int = Field(512, ge=8)
+    seed: int = Field(0, description="seed of the random control criterion: the same seed prunes the same channels")
     levels: int = Field(8, ge=2, le=256, description="gray levels G")
     radius: int = Field(1, ge=1, le=8, description="Chebyshev neighbourhood radius r")
     quantization: Literal["minmax", "percentile", "quantile", "zero-quantile", "zero-log", "zero-percentile"] = Field(
@@ -198,7 +199,35 @@ def choices(literal: Any) -> tuple[str, ...]:
     return typing.get_args(literal)
 
 
+RecoveryMode = Literal["full", "calibration", "none"]
+
+
+class CalibrationRecoveryConfig(Strict):
+    """``finetune.mode: calibration``: recover the pruned model from ``data.calibration`` alone (no training
+    split): BatchNorm statistics re-estimated, layer-wise least-squares reconstruction, then a short
+    distillation from the unpruned model on augmented calibration images (edgeprune/recovery.py)."""
+
+    bn: bool = Field(True, description="re-estimate BatchNorm statistics on the calibration images")
+    reconstruct: bool = Field(True, description="refit each conv/linear layer by ridge least squares to the unpruned "
+                                                "model's outputs at the channels it kept, in forward order")
+    ridge: float = Field(1e-3, gt=0.0, description="ridge weight, relative to the mean diagonal of X^T X")
+    max_rows: int = Field(65536, ge=256, description="output positions sampled per conv layer for its fit")
+    distill_epochs: float = Field(20.0, ge=0.0, description="passes of distillation over the calibration images "
+                                                            "(0: none)")
+    distill_max_s: Optional[float] = Field(30.0, gt=0.0, description="time bound of the distillation (null: none)")
+    lr: float = Field(3e-4, gt=0.0, description="distillation: Adam learning rate (cosine schedule)")
+    batch_size: int = Field(64, ge=1)
+    mixup: float = Field(0.5, ge=0.0, description="distillation: Beta(a, a) mixing of calibration image pairs "
+                                                  "(0: off); the unpruned model labels the mixed images")
+    temperature: float = Field(1.0, gt=0.0, description="distillation: softmax temperature of the KL loss")
+    freeze_bn: bool = Field(True, description="distillation: keep BatchNorm statistics fixed (mixed images "
+                                              "would shift them)")
+
+
 class FinetuneConfig(Strict):
+    mode: RecoveryMode = Field("full", description="full: fine-tune on the training split | calibration: recover "
+                                                   "from data.calibration alone | none: keep the pruned model as is")
+    calibration: CalibrationRecoveryConfig = Field(default_factory=CalibrationRecoveryConfig)
     epochs: float = Field(3.0, ge=0.0)
     lr: float = Field(0.02, gt=0.0)
     optimizer: Optimizer = "sgd"

@@ -32,8 +32,8 @@ class Inputs:
     """Everything loaded and validated before a run directory is created."""
 
     teacher: torch.nn.Module
-    train: TensorData
-    val: TensorData
+    train: Optional[TensorData]  # None when finetune.mode recovers from the calibration images alone
+    val: Optional[TensorData]
     eval: TensorData
     calibration: CalibrationSet
 
@@ -74,7 +74,7 @@ def train_val(cfg: PipelineConfig) -> tuple[TensorData, TensorData]:
 def load_inputs(cfg: PipelineConfig) -> Inputs:
     pre = cfg.data.preprocessing
     teacher = load_model(cfg.model, cfg.model.in_channels or pre.channels)
-    train, val = train_val(cfg)
+    train, val = train_val(cfg) if cfg.finetune.mode == "full" else (None, None)  # no training split is read
     evaluation = load_split(cfg.data, "eval")
     calibration = load_calibration(cfg.data)
     _check_model_fits(teacher, evaluation, cfg)

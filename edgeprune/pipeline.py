@@ -92,10 +92,13 @@ def stage_latency_prune(run: Run, inp: Inputs, scores: ChannelScores, device: st
 
 
 def stage_finetune(run: Run, inp: Inputs, student: torch.nn.Module, device: str) -> torch.nn.Module:
+    from .prune import read_meta
+
     ctx = run.context(device)
     step = finetune_stage.FinetuneInput(student, inp.teacher, inp.train, inp.val, out_dir=run.dir / "pruned",
-                                        meta=prune_stage.PrunedMeta.from_config(run.cfg),
-                                        ckpt_dir=run.dir / "checkpoints", eval=inp.eval, keep_checkpoints=False)
+                                        meta=prune_stage.PrunedMeta.from_json(read_meta(run.dir / "pruned")),  # + history
+                                        ckpt_dir=run.dir / "checkpoints", eval=inp.eval, keep_checkpoints=False,
+                                        calibration=inp.calibration.data)
     return _once(run, "finetune", lambda: finetune_stage.run(ctx, step).model, lambda: _load_pruned(run))
 
 
@@ -174,8 +177,8 @@ def _start_report(run: Run, inp: Inputs, device: str, command: str) -> None:
                        config=cfg.model_dump(mode="json"),
                        targets_config=[t.model_dump(mode="json") for t in targets]).dump(),
         accuracy=AccuracySection(baseline=prune_stage.accuracy(inp.teacher, inp.eval, device)).dump(),
-        data=DataSection(eval=inp.eval.source, eval_images=len(inp.eval), train_images=len(inp.train),
-                         val_images=len(inp.val), classes=inp.eval.classes).dump(),
+        data=DataSection(eval=inp.eval.source, eval_images=len(inp.eval), train_images=len(inp.train or ()),
+                         val_images=len(inp.val or ()), classes=inp.eval.classes).dump(),
         preprocessing=cfg.data.preprocessing.model_dump(mode="json"),
         environment=_host_environment(),
         warnings=[])

@@ -24,7 +24,7 @@ def preflight(cfg: PipelineConfig, targets: list[TargetConfig], *, run_dir: Opti
     """Every check that does not need the model or the data loaded; raises the first problem."""
     check_files(cfg)
     check_names(cfg)
-    check_classes(cfg.data, cfg.model.num_classes)
+    check_classes(cfg.data, cfg.model.num_classes, splits(cfg))
     check_device(cfg.device)
     check_targets(targets)
     if remote:
@@ -57,17 +57,24 @@ def check_files(cfg: PipelineConfig) -> None:
         from .data import DEBIAN_FASHION_MNIST, _find_idx
 
         root = _existing(d.root) if d.root else DEBIAN_FASHION_MNIST
-        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                     "t10k-labels-idx1-ubyte"):
-            _find_idx(root, stem)
+        stems = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "eval": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+        for split in splits(cfg):
+            for stem in stems[split]:
+                _find_idx(root, stem)
     else:
         from .data import split_folder
 
-        split_folder(d, "train")
-        split_folder(d, "eval")
+        for split in splits(cfg):
+            split_folder(d, split)
     if not _existing(d.calibration).is_dir():
         raise DataError(f"data.calibration: calibration folder not found: {d.calibration}",
                         hint="an image folder (root/<class>/<images>), e.g. calibration/fashion-mnist-500")
+
+
+def splits(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The data splits a run reads: the training split only when ``finetune.mode`` is ``full``."""
+    return ("train", "eval") if cfg.finetune.mode == "full" else ("eval",)
 
 
 def check_names(cfg: PipelineConfig) -> None:
@@ -84,8 +91,8 @@ def check_names(cfg: PipelineConfig) -> None:
         raise ConfigError(f"export.exporter {cfg.export.exporter!r} is not valid; valid: {', '.join(EXPORTERS)}")
 
 
-def check_classes(data: DataConfig, num_classes: int) -> None:
-    """The class folders of every split match the model head (count), before any image is read."""
+def check_classes(data: DataConfig, num_classes: int, split_names: tuple[str, ...] = ("train", "eval")) -> None:
+    """The class folders of every split read match the model head (count), before any image is read."""
     if data.kind == DatasetKind.fashion_mnist:
         from .data import FASHION_MNIST_CLASSES
 
@@ -94,7 +101,7 @@ def check_classes(data: DataConfig, num_classes: int) -> None:
         from .data import class_folders, split_folder
 
         found = {f"{split} folder {split_folder(data, split)}": class_folders(split_folder(data, split))
-                 for split in ("train", "eval")}
+                 for split in split_names}
     for where, classes in found.items():
         if len(classes) != num_classes:
             shown = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")

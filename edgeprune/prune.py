@@ -69,6 +69,9 @@ class PruneResult:
     ratio: float = 0.0  # the channel pruning ratio used
     target: Optional[dict] = None  # {"metric": "macs"|"params", "reduction": x, "tolerance": t}
     target_met: bool = True
+    # torch-pruning's pruning history ([root module, out-channel pruning?, indices] per group pruned, in order):
+    # replayed on the unpruned model it tells which original channels each layer kept (edgeprune.reconstruct)
+    history: list[list] = field(default_factory=list)
 
     @property
     def macs_reduction(self) -> float:
@@ -130,6 +133,11 @@ def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[i
     with shape_pass():
         macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(macs), int(params)
+
+
+def plain_history(dg: Any) -> list[list]:
+    """A dependency graph's pruning history as JSON-able ``[module name, out-channel pruning?, [indices]]``."""
+    return [[str(name), bool(out), [int(i) for i in idxs]] for name, out, idxs in dg.pruning_history()]
 
 
 def channel_plan(model: nn.Module) -> dict[str, int]:
@@ -254,6 +262,7 @@ class _Trial:
     macs: int
     params: int
     steps: list[dict] = field(default_factory=list)
+    history: list[list] = field(default_factory=list)  # torch-pruning's pruning history of this trial
 
 
 def _build_pruner(model: nn.Module, x: torch.Tensor, importance: Any, ratio: float, s: _Settings,
@@ -330,7 +339,7 @@ def _trial(model: nn.Module, x: torch.Tensor, importance: Any, ratio: float, s: 
         err.group_root = failing_root(exc, pruned)
         raise err from exc
     _forward(pruned, x, f"the model pruned at ratio {ratio:.3f}")
-    return _Trial(pruned, ratio, steps[-1]["macs"], steps[-1]["params"], steps)
+    return _Trial(pruned, ratio, steps[-1]["macs"], steps[-1]["params"], steps, plain_history(pruner.DG))
 
 
 # ----------------------------------------------------------------------------- target search
@@ -574,7 +583,7 @@ def prune_model(model: nn.Module, example_inputs: torch.Tensor, importance: Any,
     result = PruneResult(best.model, macs0, best.macs, params0, best.params, plan, rows, best.steps, best.ratio,
                          None if target is None else {"metric": target.metric, "reduction": target.reduction,
                                                       "tolerance": target.tolerance},
-                         True if target is None else target.met(best))
+                         True if target is None else target.met(best), best.history)
     if target is not None and not result.target_met:
         _raise_or_warn_unmet(target, best, s)
     return result
@@ -628,7 +637,7 @@ def prune_rescoring(model: nn.Module, example_inputs: torch.Tensor, importance: 
     if ratio is not None:
         target = None  # a fixed ratio wins over a target, as in prune_model
     step_cap = 1.0 - (1.0 - max_layer_ratio) ** (1.0 / steps)
-    current, imp, records, res = model, importance, [], None
+    current, imp, records, res, history = model, importance, [], None, []
     for j in range(1, steps + 1):
         if j > 1:
             imp, _ = rescore(current)
@@ -648,6 +657,7 @@ def prune_rescoring(model: nn.Module, example_inputs: torch.Tensor, importance: 
                               before_step=before_step, global_normalize=global_normalize, progress=progress,
                               trace_timeout_s=trace_timeout_s)
         current = res.model
+        history += res.history  # each step's indices count the channels left by the steps before: replayable in order
         records.append({"step": j, "ratio": res.ratio, "macs": res.macs_after, "params": res.params_after,
                         "rescored": j > 1})
     if res is None:
@@ -659,7 +669,8 @@ def prune_rescoring(model: nn.Module, example_inputs: torch.Tensor, importance: 
                        scores)
     result = PruneResult(current, macs0, res.macs_after, params0, res.params_after, plan, rows, records, res.ratio,
                          None if target is None else {"metric": target.metric, "reduction": target.reduction,
-                                                      "tolerance": target.tolerance, "steps": steps})
+                                                      "tolerance": target.tolerance, "steps": steps},
+                         history=history)
     if target is not None:
         trial = _Trial(current, res.ratio, res.macs_after, res.params_after)
         result.target_met = target.met(trial)
@@ -684,9 +695,10 @@ def _raise_or_warn_unmet(target: _Target, best: _Trial, s: _Settings) -> None:
 
 
 def save_pruned(model: nn.Module, out_dir: Path, *, arch: str, model_kwargs: dict, num_classes: int,
-                in_channels: int, input_shape: tuple) -> Path:
+                in_channels: int, input_shape: tuple, history: Optional[list] = None) -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/pruned.json``: arch reference, channel plan, every
-    state-dict shape and each module's integer attributes (channels, groups, split sizes). No pickle."""
+    state-dict shape and each module's integer attributes (channels, groups, split sizes), and torch-pruning's
+    pruning history when known (which channels were kept: calibration-only reconstruction needs it). No pickle."""
     from .models import save_safetensors
 
     out_dir = Path(out_dir)
@@ -694,12 +706,14 @@ def save_pruned(model: nn.Module, out_dir: Path, *, arch: str, model_kwargs: dic
     meta = {"format": PRUNED_FORMAT, "arch": arch, "model_kwargs": dict(model_kwargs), "num_classes": num_classes,
             "in_channels": in_channels, "input_shape": list(input_shape), "plan": channel_plan(model),
             "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}, "attrs": structural_attrs(model)}
+    if history is not None:
+        meta["history"] = history
     save_safetensors(model, out_dir / WEIGHTS_FILE, metadata={"edgeprune": "pruned", "arch": arch})
     atomic_write(out_dir / PRUNED_JSON, json.dumps(meta, indent=1))
     return out_dir
 
 
-def _read_meta(out_dir: Path) -> dict:
+def read_meta(out_dir: Path) -> dict:
     path = Path(out_dir) / PRUNED_JSON
     if not path.is_file() or not (Path(out_dir) / WEIGHTS_FILE).is_file():
         raise ModelLoadError(f"{out_dir} is not a pruned-model folder: needs {PRUNED_JSON} and {WEIGHTS_FILE}")
@@ -788,7 +802,7 @@ def load_pruned(out_dir: Path) -> nn.Module:
     from .config import ModelConfig
     from .models import build_model
 
-    meta = _read_meta(Path(out_dir))
+    meta = read_meta(Path(out_dir))
     cfg = ModelConfig(arch=meta["arch"], num_classes=meta["num_classes"], kwargs=meta["model_kwargs"],
                       in_channels=meta["in_channels"])
     model = build_model(cfg, meta["in_channels"]).eval()

@@ -215,6 +215,7 @@ def _md_sections(report: dict[str, Any]) -> list[str]:
     if sc:
         out += ["## Scoring", "", f"criterion `{sc.get('criterion')}`, {sc.get('seconds', '-')} s, "
                 f"labels: {sc.get('labels_source', '-')}", ""]
+    out += recovery_lines(report)
     cal = report.get("calibration") or {}
     if cal:
         out += ["## Calibration", "",
@@ -235,6 +236,29 @@ def _md_sections(report: dict[str, Any]) -> list[str]:
         out += [f"- {k}: {v}" for k, v in envs.items()] + [""]
     out += _ladder_lines(report)
     return out
+
+
+RECOVERY_STEPS = {"pruned": "pruned (no recovery)", "bn": "+ BatchNorm statistics re-estimated",
+                  "reconstruct": "+ layer-wise least-squares reconstruction", "distill": "+ distillation"}
+
+
+def recovery_lines(report: dict[str, Any]) -> list[str]:
+    """``finetune.mode`` calibration / none: each recovery step with its top-1 and seconds."""
+    ft = report.get("finetune") or {}
+    if not ft.get("steps"):
+        return []
+    rows = []
+    for s in ft["steps"]:
+        what = RECOVERY_STEPS.get(s["step"], s["step"])
+        if s.get("skipped"):
+            what += f" (skipped: {s['skipped']})"
+        elif s["step"] == "reconstruct":
+            what += f" ({s.get('layers_refit', 0)} layers refit)"
+        elif s["step"] == "distill":
+            what += f" ({s.get('epochs', 0):g} epochs{', stopped by its time bound' if s.get('stopped_by_time') else ''})"
+        rows.append([what, _fmt(s.get("top1"), ".2f", 100), f"{s.get('seconds', 0):.2f}"])
+    return [f"## Recovery (finetune.mode {ft.get('mode')}: {ft.get('images')} calibration images, no training "
+            f"split, {ft.get('seconds', 0):.1f} s)", "", _md_table(["step", "top-1 %", "seconds"], rows), ""]
 
 
 def _ladder_lines(report: dict[str, Any]) -> list[str]:

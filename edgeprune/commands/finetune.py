@@ -41,27 +41,33 @@ def _teacher(teacher: Optional[Path], meta: dict, cfg):
 
 
 def run_finetune(*, pruned: Optional[Path], teacher: Optional[Path], config: Optional[Path], epochs: Optional[float],
-                 out: Path, device: str, progress: bool = True):
-    """The pipeline's fine-tune stage on a pruned-model folder; checkpoints kept in ``OUT/ckpt`` for resuming."""
+                 out: Path, device: str, progress: bool = True, mode: Optional[str] = None):
+    """The pipeline's fine-tune stage on a pruned-model folder; checkpoints kept in ``OUT/ckpt`` for resuming.
+    ``mode`` overrides ``finetune.mode``: the calibration modes read ``data.calibration`` and no training split."""
     from ..config import load_pipeline_config
     from ..context import RunContext, torch_device, train_val
+    from ..data import load_calibration
     from ..finetune import validate_config
     from ..preflight import check_classes, check_device
     from ..safety import atomic_write, check_writable
     from ..stages import finetune as finetune_stage
     from ..stages.prune import PrunedMeta
 
-    cfg = load_pipeline_config(config, {"finetune.epochs": epochs} if epochs is not None else None)
+    overrides = {"finetune.epochs": epochs, "finetune.mode": mode}
+    cfg = load_pipeline_config(config, {k: v for k, v in overrides.items() if v is not None})
     validate_config(cfg.finetune)
     check_device(device)
     check_writable(out, "output folder")
     student, meta = _student_and_meta(pruned, cfg)
     check_classes(cfg.data, meta["num_classes"])
     teach = _teacher(teacher, meta, cfg)
-    train, val = train_val(cfg)
+    if cfg.finetune.mode == "full":
+        (train, val), calibration = train_val(cfg), None
+    else:
+        (train, val), calibration = (None, None), load_calibration(cfg.data).data
     ctx = RunContext(cfg, [], out, device=torch_device(device), progress=progress)
     step = finetune_stage.FinetuneInput(student, teach, train, val, out_dir=out, meta=PrunedMeta.from_json(meta),
-                                        ckpt_dir=out / "ckpt")
+                                        ckpt_dir=out / "ckpt", calibration=calibration)
     res = finetune_stage.run(ctx, step).result
     atomic_write(out / "finetune.json", json.dumps(res.to_dict(), indent=1))
     return res
@@ -74,12 +80,14 @@ def register(app: typer.Typer) -> None:
         teacher: Optional[Path] = typer.Option(None, "--teacher", help="unpruned weights to distil from"),
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="pipeline YAML (finetune:, data:)"),
         epochs: Optional[float] = typer.Option(None, "--epochs", help="override finetune.epochs (fractions allowed)"),
+        mode: Optional[str] = typer.Option(None, "--mode", help="override finetune.mode: full (training split) | "
+                                           "calibration (data.calibration alone) | none"),
         out: Path = typer.Option(Path("runs/finetune"), "--out", "-o", help="output folder (resumes from out/ckpt)"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Fine-tune a pruned model with distillation; killed runs resume from OUT/ckpt/last.pt."""
         res = run_finetune(pruned=pruned, teacher=teacher, config=config, epochs=epochs, out=out, device=device,
-                           progress=progress)
+                           progress=progress, mode=mode)
         typer.echo(str(res))
         typer.echo(f"wrote {out / 'model.safetensors'}, {out / 'pruned.json'} and {out / 'finetune.json'}")

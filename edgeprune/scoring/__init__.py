@@ -105,12 +105,14 @@ def needs_gradients(criterion: str) -> bool:
     return CRITERIA.get(criterion).needs_gradients
 
 
-def make_importance(criterion: str, scores: Optional[ChannelScores] = None, *, normalize: str = "mean"):
-    """A ``tp.importance.Importance`` for ``criterion``; activation criteria need their ``scores``."""
+def make_importance(criterion: str, scores: Optional[ChannelScores] = None, *, normalize: str = "mean",
+                    seed: int = 0):
+    """A ``tp.importance.Importance`` for ``criterion``; activation criteria need their ``scores``;
+    ``seed`` (``score.seed``) decides the channels of the ``random`` control."""
     crit = CRITERIA.get(criterion)
     nz = check_normalize(normalize)
     if crit.importance is not None:
-        return normalized_importance(crit.importance(nz), normalize)
+        return normalized_importance(crit.importance(nz, seed), normalize)
     if scores is None:
         raise ConfigError(f"criterion {criterion!r} needs channel scores; run score_model() first")
     if scores.criterion != criterion:
@@ -193,12 +195,12 @@ def score_model(model: nn.Module, data, *, criterion: str = "sae-mi", num_classe
     return ChannelScores(criterion, ordered, seconds, source, record)
 
 
-def make_rescorer(criterion: str, data, *, normalize: str = "mean", **score_kwargs):
+def make_rescorer(criterion: str, data, *, normalize: str = "mean", seed: int = 0, **score_kwargs):
     """``rescore(model) -> (importance, scores)`` for :func:`edgeprune.prune.prune_model`'s iterative
     schedule: scores ``model`` (the slimmed one) on ``data`` with ``score_model(**score_kwargs)``."""
     def rescore(model: nn.Module):
         if not needs_data(criterion):
-            return make_importance(criterion, normalize=normalize), None
+            return make_importance(criterion, normalize=normalize, seed=seed), None
         sc = score_model(model, data, criterion=criterion, **{"progress": False, **score_kwargs})
         return make_importance(criterion, sc, normalize=normalize), sc.scores
 

@@ -22,6 +22,7 @@ from .adapters import rank_scores
 from .aura import (RangeTracker, check_quantization, class_aura_matrices, class_level_histograms, has_neighbours,
                    normalized_aura, per_image_sae, sae, sae_mi_from_class_auras)
 from .hooks import Tap, iterate_maps
+from .recon import compute_recon
 from .kernel_mi import DEFAULT_MI_BATCH, DEFAULT_SIGMA_FACTORS, BatchedKernelMI, kernel_mi_scores
 from .selection import ActivationStats
 
@@ -71,7 +72,7 @@ class Criterion:
     needs_labels: bool = False
     needs_gradients: bool = False
     compute: Optional[Callable[[ScoringContext], dict[str, torch.Tensor]]] = None
-    importance: Optional[Callable[[Optional[str]], Any]] = None
+    importance: Optional[Callable[[Optional[str], int], Any]] = None  # (normalizer, seed) -> Importance
     sae_family: bool = False  # quantized maps; accepts selection="greedy"
 
     @property
@@ -325,16 +326,41 @@ def _tp():
     return tp
 
 
+def seeded_random_importance(seed: int = 0) -> Any:
+    """Uniform random channel scores (the control criterion ``random``) that depend only on the seed, the
+    group's root layer and its width: one seed prunes the same channels in every process and in every trial
+    of the target search, another seed other ones. torch-pruning's ``RandomImportance`` draws from the global
+    generator, so a run was not reproducible from its config."""
+    import zlib
+
+    base: Any = _tp().importance.Importance  # torch-pruning is imported lazily
+
+    class SeededRandomImportance(base):
+        def __init__(self, seed: int):
+            self.seed = int(seed)
+
+        def __call__(self, group: Any) -> torch.Tensor:
+            root = group[0]
+            n = len(root.idxs)
+            key = f"{self.seed}:{root.dep.target.name}:{n}".encode()
+            return torch.rand(n, generator=torch.Generator().manual_seed(zlib.crc32(key)))
+
+    return SeededRandomImportance(seed)
+
+
 def _register_builtin() -> None:
     imp = lambda: _tp().importance  # noqa: E731
-    builtins: dict[str, tuple[Callable[[Optional[str]], Any], bool, str]] = {
-        "l1": (lambda nz: imp().GroupMagnitudeImportance(p=1, normalizer=nz), False, "group L1 magnitude of the weights"),
-        "l2": (lambda nz: imp().GroupMagnitudeImportance(p=2, normalizer=nz), False, "group L2 magnitude of the weights"),
-        "taylor": (lambda nz: imp().GroupTaylorImportance(normalizer=nz), True,
+    builtins: dict[str, tuple[Callable[[Optional[str], int], Any], bool, str]] = {
+        "l1": (lambda nz, _s: imp().GroupMagnitudeImportance(p=1, normalizer=nz), False,
+               "group L1 magnitude of the weights"),
+        "l2": (lambda nz, _s: imp().GroupMagnitudeImportance(p=2, normalizer=nz), False,
+               "group L2 magnitude of the weights"),
+        "taylor": (lambda nz, _s: imp().GroupTaylorImportance(normalizer=nz), True,
                    "first-order Taylor |w * dL/dw|; the pruner must run loss.backward() first"),
-        "bn-scale": (lambda nz: imp().BNScaleImportance(normalizer=nz), False, "|gamma| of the BatchNorm after the conv"),
-        "fpgm": (lambda nz: imp().FPGMImportance(normalizer=nz), False, "filter pruning via geometric median"),
-        "random": (lambda nz: imp().RandomImportance(), False, "random ranking (control)"),
+        "bn-scale": (lambda nz, _s: imp().BNScaleImportance(normalizer=nz), False,
+                     "|gamma| of the BatchNorm after the conv"),
+        "fpgm": (lambda nz, _s: imp().FPGMImportance(normalizer=nz), False, "filter pruning via geometric median"),
+        "random": (lambda _nz, seed: seeded_random_importance(seed), False, "random ranking (control), seeded by score.seed"),
     }
     for name, (factory, grads, help_) in builtins.items():
         CRITERIA.add(name, Criterion(name, "torch-pruning", needs_gradients=grads, importance=factory), help=help_)
@@ -361,4 +387,7 @@ CRITERIA.add("sae-mi-x-act", Criterion("sae-mi-x-act", "activation", needs_label
 CRITERIA.add("sae-mi-x-usage", Criterion("sae-mi-x-usage", "activation", needs_labels=True,
                                          compute=compute_sae_mi_x_usage, sae_family=True),
              help="hybrid: sae-mi x mean |activation| x L1 norm of the downstream weights reading the channel")
+CRITERIA.add("recon", Criterion("recon", "activation", compute=compute_recon),
+             help="label-free: error its readers keep after a least-squares refit without the channel (OBS); "
+                  "for finetune.mode calibration")
 _register_builtin()

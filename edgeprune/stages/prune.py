@@ -31,17 +31,18 @@ class PrunedMeta:
     num_classes: int
     in_channels: int
     input_shape: tuple[int, ...]
+    history: Optional[list] = None  # torch-pruning's pruning history: which original channels were kept
 
     @classmethod
-    def from_config(cls, cfg: PipelineConfig) -> "PrunedMeta":
+    def from_config(cls, cfg: PipelineConfig, history: Optional[list] = None) -> "PrunedMeta":
         pre = cfg.data.preprocessing
         return cls(cfg.model.arch, dict(cfg.model.kwargs), cfg.model.num_classes,
-                   cfg.model.in_channels or pre.channels, tuple(pre.shape))
+                   cfg.model.in_channels or pre.channels, tuple(pre.shape), history)
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> "PrunedMeta":
         return cls(meta["arch"], dict(meta["model_kwargs"]), meta["num_classes"], meta["in_channels"],
-                   tuple(meta["input_shape"]))
+                   tuple(meta["input_shape"]), meta.get("history"))
 
 
 @dataclass
@@ -72,7 +73,7 @@ def run(ctx: RunContext, inp: PruneInput) -> PruneOutput:
     before_step = _taylor_backward(_need(inp.calibration, criterion)) if needs_gradients(criterion) else None
     rescore = _rescorer(ctx, inp.calibration) if pc.rescore_between_steps and inp.calibration is not None else None
     result = prune_model(copy.deepcopy(inp.teacher), inp.example,
-                         make_importance(criterion, inp.scores, normalize=pc.normalize),
+                         make_importance(criterion, inp.scores, normalize=pc.normalize, seed=ctx.cfg.score.seed),
                          target_macs_reduction=None if pc.ratio else pc.target_macs_reduction,
                          target_params_reduction=pc.target_params_reduction, ratio=pc.ratio,
                          round_to=round_to_for(ctx.targets, pc.round_to), max_layer_ratio=pc.max_layer_ratio,
@@ -83,7 +84,8 @@ def run(ctx: RunContext, inp: PruneInput) -> PruneOutput:
                          trace_timeout_s=pc.trace_timeout_s)
     out_dir = inp.out_dir or ctx.dir / "pruned"
     record_pruned(ctx, result.model, out_dir, train=inp.train, eval=inp.eval,
-                  macs=(result.macs_before, result.macs_after), params=(result.params_before, result.params_after))
+                  macs=(result.macs_before, result.macs_after), params=(result.params_before, result.params_after),
+                  history=result.history)
     atomic_write(out_dir / "layers.txt", result.table() + "\n")
     ctx.report["prune"] = result.to_dict()
     return PruneOutput(result.model, out_dir, result)
@@ -94,18 +96,20 @@ def save(model: torch.nn.Module, out_dir: Path, meta: PrunedMeta) -> Path:
     from ..prune import save_pruned
 
     return save_pruned(model, out_dir, arch=meta.arch, model_kwargs=meta.model_kwargs, num_classes=meta.num_classes,
-                       in_channels=meta.in_channels, input_shape=meta.input_shape)
+                       in_channels=meta.in_channels, input_shape=meta.input_shape, history=meta.history)
 
 
 def record_pruned(ctx: RunContext, model: torch.nn.Module, out_dir: Path, *, train: Optional[TensorData],
-                  eval: Optional[TensorData], macs: tuple[int, int], params: tuple[int, int]) -> None:
-    """What every prune stage ends with: BN statistics re-estimated, the model saved to ``out_dir``
-    (no pickle), its size and its accuracy before fine-tuning reported."""
+                  eval: Optional[TensorData], macs: tuple[int, int], params: tuple[int, int],
+                  history: Optional[list] = None) -> None:
+    """What every prune stage ends with: BN statistics re-estimated on ``train`` (when given), the model saved
+    to ``out_dir`` (no pickle, with its pruning ``history`` when known), its size and its accuracy before
+    fine-tuning reported."""
     from ..finetune import recalibrate_bn
 
     if train is not None:
         recalibrate_bn(model, train, device=ctx.device)  # pruning leaves BN statistics of the wider net
-    save(model, out_dir, PrunedMeta.from_config(ctx.cfg))
+    save(model, out_dir, PrunedMeta.from_config(ctx.cfg, history))
     ctx.report["model"] = ModelSection.from_counts(ctx.cfg.model.arch, macs=macs, params=params).dump()
     if eval is not None:
         ctx.report.setdefault("accuracy", {})["pruned_before_finetune"] = accuracy(model, eval, ctx.device)
@@ -131,7 +135,8 @@ def _rescorer(ctx: RunContext, calibration: TensorData) -> Callable:
 
     sc = ctx.cfg.score
     calib = calibration.subset(range(min(sc.num_images, len(calibration))))
-    return make_rescorer(sc.criterion, calib, normalize=ctx.cfg.prune.normalize, num_classes=ctx.cfg.model.num_classes,
+    return make_rescorer(sc.criterion, calib, normalize=ctx.cfg.prune.normalize, seed=sc.seed,
+                         num_classes=ctx.cfg.model.num_classes,
                          batch_size=ctx.cfg.data.batch_size, device=ctx.device, **sc.options())
 
 
