@@ -170,10 +170,13 @@ def available_memory() -> Optional[int]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 found.append(int(line.split()[1]) * 1024)
-    with contextlib.suppress(OSError, ValueError):
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":  # the page cache counted in memory.current is reclaimed before the limit bites
+            cache = next(int(line.split()[1]) for line in (cgroup / "memory.stat").read_text().splitlines()
+                         if line.startswith("file "))
+            found.append(int(limit) - int((cgroup / "memory.current").read_text()) + cache)
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
         with contextlib.suppress(OSError, ValueError):

@@ -879,6 +879,21 @@ def test_compile_runs_what_it_wrote(tmp_path, capsys, damage, names):
     assert not (tmp_path / "out").exists()
 
 
+def test_compile_for_a_device_that_is_not_here_says_it_was_not_run(tmp_path, capsys):
+    """An artifact for another box's device (an Intel GPU) is built but cannot be run here: said, not hidden."""
+    pytest.importorskip("openvino")
+    from edgeprune.backends import get_backend
+    from edgeprune.config import Precision
+
+    if get_backend("openvino").supports(Precision.fp32, "GPU")[0]:
+        pytest.skip("this machine has an OpenVINO GPU: the artifact is run here")
+    code, _, err = cli(capsys, "compile", tiny_onnx(tmp_path / "m.onnx"), "-t", "intel-gpu-openvino", "-p", "fp32",
+                       "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "was not run here" in err and "'GPU' is not available here" in err
+    assert (tmp_path / "out" / "fp32" / "model.xml").is_file()
+
+
 def _little_memory(monkeypatch, gib: float = 8.0) -> None:
     from edgeprune import safety
 

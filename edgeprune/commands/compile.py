@@ -97,9 +97,15 @@ def check_runs(art, tgt, chw: tuple[int, ...], source: Path) -> None:
     from ..backends import get_backend
     from ..errors import CompileError, EdgePruneError
 
+    backend = get_backend(tgt.backend.value)
+    ok, why = backend.supports(Precision(art.precision), tgt.device)
+    if tgt.host is not None or not ok:  # built for a box or a device that is not here
+        typer.echo(f"note: {art.path} was not run here ({why or 'a remote target'}); run `edgeprune bench` on it "
+                   "where the target's device is", err=True)
+        return
     x = np.zeros((1 if tgt.dynamic_batch else tgt.batch_size, *chw), np.float32)
     try:
-        y = np.asarray(get_backend(tgt.backend.value).load(art, target=tgt)(x))
+        y = np.asarray(backend.load(art, target=tgt)(x))
     except EdgePruneError:
         raise
     except Exception as exc:  # noqa: BLE001 - each runtime raises its own types
