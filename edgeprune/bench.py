@@ -249,14 +249,17 @@ def bench_artifact(
     Returns ``{"results": [LatencyStats.to_dict(samples=True) per batch size], "scope", "threads", "env"}``.
     """
     from .backends import get_backend
+    from .safety import check_batch_memory
 
+    shape = _resolve_shape(artifact, inputs, input_shape, preprocessing)
+    sizes = batch_sizes(target, cfg)
+    check_batch_memory(target, shape, f"benchmarking on target {target.name!r}", sizes)  # before any allocation
     runner = get_backend(_backend_name(artifact)).load(artifact, target=target)
     call = _runner_call(runner)
     sync = getattr(runner, "synchronize", None)
-    shape = _resolve_shape(artifact, inputs, input_shape, preprocessing)
     scope = "end-to-end" if cfg.include_preprocessing else "inference"
     results = []
-    for batch in batch_sizes(target, cfg):
+    for batch in sizes:
         fn = _make_fn(runner, call, batch=batch, shape=shape, inputs=inputs, scope=scope, preprocessing=preprocessing)
         stats = measure_latency(
             fn, batch_size=batch, warmup_runs=cfg.warmup_runs, warmup_s=cfg.warmup_s,

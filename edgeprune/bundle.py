@@ -64,9 +64,17 @@ def _read_report(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{run_dir} is not a finished run directory: report.json is missing",
                         hint="run `edgeprune run` first, or pass the run folder (not a .partial one)")
+    from .report_model import validate_report
     from .safety import read_json
 
-    return read_json(path, "run report")
+    report = read_json(path, "run report")
+    validate_report(report, str(path))  # a key of the wrong type is named here, not met as a crash later
+    return report
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """``value`` when it is a mapping, else empty (free-form parts of a report, e.g. the config it records)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _copy_run_files(run_dir: Path, out: Path) -> None:
@@ -81,21 +89,22 @@ def build_manifest(folder: Path, report: dict[str, Any]) -> dict[str, Any]:
     from . import __version__
     from .envinfo import runtime_versions
 
-    cfg = (report.get("run") or {}).get("config") or {}
-    data_cfg = cfg.get("data") or {}
+    run = _mapping(report.get("run"))
+    cfg = _mapping(run.get("config"))
+    data_cfg = _mapping(cfg.get("data"))
     return {
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "edgeprune_version": __version__,
         "tool_versions": runtime_versions(),
-        "run": {k: v for k, v in (report.get("run") or {}).items() if k != "config"},
+        "run": {k: v for k, v in run.items() if k != "config"},
         "input": {"preprocessing": data_cfg.get("preprocessing"), "layout": "NCHW", "dtype": "float32",
-                  "export": {k: v for k, v in (report.get("export") or {}).items() if k != "parity"}},
+                  "export": {k: v for k, v in _mapping(report.get("export")).items() if k != "parity"}},
         "class_names": data_cfg.get("class_names") or report.get("class_names"),
         "calibration": report.get("calibration"),
-        "artifacts": [_artifact_entry(a) for a in report.get("artifacts", [])],
+        "artifacts": [_artifact_entry(a) for a in report.get("artifacts") or []],
         "config": cfg,
-        "targets_config": (report.get("run") or {}).get("targets_config"),
+        "targets_config": run.get("targets_config"),
         "files": file_hashes(folder),
     }
 
@@ -103,7 +112,7 @@ def build_manifest(folder: Path, report: dict[str, Any]) -> dict[str, Any]:
 def _artifact_entry(a: dict[str, Any]) -> dict[str, Any]:
     keys = ("target", "backend", "device", "precision", "path", "size_bytes", "status", "accuracy", "latency_ms")
     entry = {k: a.get(k) for k in keys}
-    entry["runtime_versions"] = (a.get("env") or {}).get("runtimes")
+    entry["runtime_versions"] = _mapping(a.get("env")).get("runtimes")
     return entry
 
 
@@ -131,8 +140,15 @@ def verify_bundle(path: Path) -> list[str]:
         return _verify_folder(path)
     if path.is_file() and tarfile.is_tarfile(path):
         with tempfile.TemporaryDirectory(prefix="edgeprune-verify-") as tmp:
-            with tarfile.open(path) as tar:
-                tar.extractall(tmp, filter="data")
+            try:
+                with tarfile.open(path) as tar:
+                    tar.extractall(tmp, filter="data")
+            except tarfile.FilterError as exc:  # "../" or absolute member names, links out of the folder
+                raise DataError(f"refusing to unpack bundle {path}: {exc}; an edgeprune bundle has none",
+                                hint="this archive was not written by `edgeprune bundle`; do not unpack it") from None
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                raise DataError(f"bundle {path} is a damaged archive: {exc}",
+                                hint="copy it again from where `edgeprune bundle` wrote it") from None
             roots = [p for p in Path(tmp).iterdir()]
             folder = roots[0] if len(roots) == 1 and roots[0].is_dir() else Path(tmp)
             return _verify_folder(folder)
@@ -143,10 +159,12 @@ def _verify_folder(folder: Path) -> list[str]:
     mpath = folder / MANIFEST
     if not mpath.is_file():
         raise DataError(f"{folder} has no {MANIFEST}; not an edgeprune bundle")
-    try:
-        listed = json.loads(mpath.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DataError(f"{mpath} is malformed: {exc}") from exc
+    from .safety import read_json
+
+    listed = read_json(mpath, "bundle manifest", keys=("files",))["files"]
+    if not isinstance(listed, dict) or not all(isinstance(e, dict) for e in listed.values()):
+        raise DataError(f"bundle manifest {mpath} is malformed: 'files' must map each path to its sha256 and size",
+                        hint="the manifest is damaged; make the bundle again (`edgeprune bundle`)")
     problems = _compare(folder, listed)
     if problems:
         raise DataError(f"bundle {folder} failed verification ({len(problems)} problem(s)):\n  "
@@ -158,7 +176,9 @@ def _compare(folder: Path, listed: dict[str, dict[str, Any]]) -> list[str]:
     problems = []
     for rel, entry in sorted(listed.items()):
         p = folder / rel
-        if not p.is_file():
+        if not p.resolve().is_relative_to(folder.resolve()):
+            problems.append(f"outside the bundle: {rel}")
+        elif not p.is_file():
             problems.append(f"missing: {rel}")
         elif sha256_file(p) != entry.get("sha256"):
             problems.append(f"sha256 mismatch: {rel}")

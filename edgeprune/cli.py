@@ -4,11 +4,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+from pathlib import Path
 
 import typer
 
 from . import commands, guard
-from .errors import BackendUnavailableError, EdgePruneError
+from .errors import BackendUnavailableError, EdgePruneError, ResourceError
 
 # Packages of the [host] extra: the build machine's, absent from a box installed with a box-* extra.
 HOST_PACKAGES = ("torch", "torchvision", "torch_pruning", "onnxscript", "safetensors", "PIL", "matplotlib")
@@ -62,12 +63,22 @@ def main() -> None:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the top-level guard: one line, the traceback in a file
-        missing = _missing_host_package(exc)
-        if missing is not None:
-            typer.secho(f"error: {missing}", fg=typer.colors.RED, err=True)
-            sys.exit(missing.exit_code)
+        known = _missing_host_package(exc) or _disk_full(exc)
+        if known is not None:
+            typer.secho(f"error: {known}", fg=typer.colors.RED, err=True)
+            sys.exit(known.exit_code)
         typer.secho(f"error: {guard.crash_line(exc)}", fg=typer.colors.RED, err=True)
         sys.exit(guard.EXIT_CODE)
+
+
+def _disk_full(exc: Exception) -> ResourceError | None:
+    """A write that failed for want of disk space (ENOSPC) anywhere -> a clear error, else None."""
+    from .safety import disk_full_error, is_disk_full
+
+    if not is_disk_full(exc):
+        return None
+    name = getattr(exc, "filename", None)
+    return disk_full_error(Path(name).parent if name else None)
 
 
 def _missing_host_package(exc: Exception) -> BackendUnavailableError | None:

@@ -91,6 +91,9 @@ class Preprocessing(Strict):
         return (self.channels, self.height, self.width)
 
 
+BUILD_TIMEOUT_S = 120.0  # model.build_timeout_s: a builder returns in seconds; one that waits on something is stopped
+
+
 class ModelConfig(Strict):
     arch: str = Field("edgeprune.zoo:fmnist_cnn", description="torchvision name or package.module:factory")
     weights: Optional[Path] = Field(Path("edgeprune/assets/fmnist_cnn.safetensors"),
@@ -99,6 +102,10 @@ class ModelConfig(Strict):
     in_channels: Optional[int] = Field(None, description="defaults to preprocessing.channels")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     trust_pickle: bool = Field(False, description="allow loading a whole pickled model (runs code!)")
+    allow_chance_baseline: bool = Field(False, description="run even when the unpruned model scores at chance "
+                                        "level on the eval split (random init, smoke tests); refused otherwise")
+    build_timeout_s: Optional[float] = Field(BUILD_TIMEOUT_S, gt=0.0, description="time budget for calling the "
+                                             "model builder (a factory that hangs is stopped; null: no limit)")
 
 
 class DataConfig(Strict):
@@ -431,17 +438,94 @@ def _walk(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
     return cur
 
 
+# Bounds on one YAML document, counted with every alias expanded: a config or target is tens to a few thousand
+# nodes (1,000 class names) and under ten levels deep; a "billion laughs" anchor bomb is 10**9 nodes and a
+# 10,000-deep nesting overflows the composer's recursion.
+YAML_MAX_NODES = 100_000
+YAML_MAX_DEPTH = 64
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing nesting deeper than YAML_MAX_DEPTH while it composes."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > YAML_MAX_DEPTH:
+                raise _YamlTooLarge(f"is nested more than {YAML_MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+class _YamlTooLarge(Exception):
+    pass
+
+
+def _expanded_size(root: yaml.Node) -> None:
+    """Raise _YamlTooLarge when ``root`` with its aliases expanded has over YAML_MAX_NODES nodes, is deeper than
+    YAML_MAX_DEPTH or refers to itself. Each node is visited once (sizes are memoized), so a bomb costs nothing."""
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    size: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, depth), expanded
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order: an alias chain must not overflow Python's stack either
+        node, finished = stack.pop()
+        if finished:
+            on_path.discard(id(node))
+            kids = [size[id(k)] for k in children(node)]
+            nodes, depth = 1 + sum(n for n, _ in kids), 1 + max((d for _, d in kids), default=0)
+            if nodes > YAML_MAX_NODES:
+                raise _YamlTooLarge(f"expands to more than {YAML_MAX_NODES:,} values (anchors and aliases "
+                                    "counted as often as they are used)")
+            if depth > YAML_MAX_DEPTH:
+                raise _YamlTooLarge(f"is nested more than {YAML_MAX_DEPTH} levels deep once its aliases are expanded")
+            size[id(node)] = (nodes, depth)
+        elif id(node) in on_path:
+            raise _YamlTooLarge("holds an alias that refers to itself (a recursive structure)")
+        elif id(node) not in size:
+            on_path.add(id(node))
+            stack.append((node, True))
+            stack.extend((k, False) for k in children(node) if id(k) not in size)
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, bounded: ConfigError naming ``source`` for an anchor bomb, deep nesting or bad YAML."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    except _YamlTooLarge as exc:
+        raise ConfigError(f"{source} {exc}; refusing to read it",
+                          hint="a config or target file is a small, shallow mapping: write its values out plainly, "
+                               "without anchors that multiply") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"malformed YAML in {source}: {exc}") from exc
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
                           hint="save the YAML file as UTF-8") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"malformed YAML in {path}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    data = load_yaml_text(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):

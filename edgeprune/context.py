@@ -10,6 +10,7 @@ the atomic finish) and hands each stage ``run.context(device)``. Single-stage co
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -19,12 +20,12 @@ from typing import Any, Optional
 
 import torch
 
-from .config import PipelineConfig, TargetConfig
+from .config import ModelConfig, PipelineConfig, TargetConfig
 from .data import CalibrationSet, TensorData, load_calibration, load_split, train_val_split
-from .errors import ConfigError, EdgePruneError, ModelLoadError
+from .errors import ConfigError, DataError, EdgePruneError, ModelLoadError
 from .models import load_model
 from .preflight import changed_keys, config_fingerprint
-from .safety import atomic_write, read_json
+from .safety import RunLock, atomic_write, read_json
 
 
 @dataclass
@@ -93,23 +94,69 @@ def _check_model_fits(model: torch.nn.Module, data: TensorData, cfg: PipelineCon
                              f"num_classes={cfg.model.num_classes}")
 
 
+# What a stage marked done in state.json leaves behind, for --resume to reload: files in the run folder,
+# and ("report", keys) entries of the report so far.
+DONE_LEAVES: dict[str, tuple[str | tuple[str, ...], ...]] = {
+    "load": (("report", "run"), ("report", "accuracy", "baseline")),
+    "score": ("scores.json",),
+    "prune": ("pruned/pruned.json", "pruned/model.safetensors"),
+    "finetune": ("pruned/pruned.json", "pruned/model.safetensors", ("report", "accuracy", "pruned")),
+    "export": ("model.onnx",),
+    "compile": (("report", "artifacts"),),
+}
+
+
+def chance_level(labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """(chance, bound): the top-1 of the best constant answer (the most frequent eval class, at least
+    1/num_classes), and the accuracy below which a model cannot be told from it on ``len(labels)`` images:
+    chance + 3 standard errors of a binomial proportion (one-sided 99.87 %)."""
+    n = max(len(labels), 1)
+    shares = torch.bincount(labels.long().clamp(min=0), minlength=num_classes).float() / n
+    chance = max(1.0 / num_classes, float(shares.max()) if len(labels) else 0.0)
+    return chance, chance + 3.0 * math.sqrt(chance * (1.0 - chance) / n)
+
+
+def check_baseline(acc: float, data: TensorData, model_cfg: ModelConfig) -> float:
+    """``acc`` (the unpruned model's top-1 on ``data``), refused at chance level unless
+    ``model.allow_chance_baseline``: the weights do not fit the data, and every later check would pass
+    against a broken reference. An eval set too small or too one-sided to tell is not judged."""
+    chance, bound = chance_level(data.labels, model_cfg.num_classes)
+    if acc <= bound and bound < 1.0 and not model_cfg.allow_chance_baseline:
+        raise ModelLoadError(
+            f"the unpruned model {model_cfg.arch} ({model_cfg.weights or 'random init'}) scores {100 * acc:.2f} % "
+            f"top-1 on the {len(data)} eval images, chance level ({100 * chance:.2f} % for always answering the "
+            f"most frequent class; {100 * bound:.2f} % is within 3 standard errors of it)",
+            hint="check model.weights, data.preprocessing (mean/std, channels, size) and the class order against "
+                 "the model's training; pass --allow-chance-baseline (model.allow_chance_baseline: true) to run a "
+                 "random-init or untrained model anyway")
+    return acc
+
+
 class Run:
-    """A run directory: stage state, report accumulation, atomic finish."""
+    """A run directory: stage state, report accumulation, atomic finish. One process at a time: the run
+    holds ``<name>.lock`` (:class:`~edgeprune.safety.RunLock`) from here until :meth:`finish`,
+    :meth:`abandon` or :meth:`release`."""
 
     def __init__(self, cfg: PipelineConfig, targets: list[TargetConfig], *, resume: bool = False,
                  out: Optional[Path] = None, progress: bool = True):
         self.cfg, self.targets, self.progress = cfg, targets, progress
         self.final_dir = Path(out) if out else Path(cfg.output_dir) / cfg.name
         self.dir = self.final_dir.with_name(self.final_dir.name + ".partial")
-        if self.final_dir.exists():
-            raise EdgePruneError(f"run directory {self.final_dir} already exists",
-                                 hint="choose another --name/--out or remove it")
-        if self.dir.exists() and not resume:
-            raise EdgePruneError(f"an unfinished run is in {self.dir}",
-                                 hint="pass --resume to continue it, or remove the folder to start over")
-        self.state_path = self.dir / "state.json"
-        self.state: dict[str, Any] = self._resumed_state() if self.dir.exists() else {}
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.final_dir.with_name(self.final_dir.name + ".lock"), f"run folder {self.dir}")
+        self.lock.acquire()
+        try:
+            if self.final_dir.exists():
+                raise EdgePruneError(f"run directory {self.final_dir} already exists",
+                                     hint="choose another --name/--out or remove it")
+            if self.dir.exists() and not resume:
+                raise EdgePruneError(f"an unfinished run is in {self.dir}",
+                                     hint="pass --resume to continue it, or remove the folder to start over")
+            self.state_path = self.dir / "state.json"
+            self.state: dict[str, Any] = self._resumed_state() if self.dir.exists() else {}
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            self.lock.release()
+            raise
         self.state.setdefault("config", config_fingerprint(cfg, targets))
         self.report: dict[str, Any] = self.state.get("report", {})
         self.started = time.time()
@@ -129,7 +176,30 @@ class Run:
             raise ConfigError(f"--resume: the config differs from the one {self.dir} was started with; changed: "
                               f"{', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}",
                               hint="resume with the same config and targets, or remove the folder to start over")
+        self._check_done_stages(state)
         return state
+
+    def _check_done_stages(self, state: dict[str, Any]) -> None:
+        """Every stage ``state.json`` marks done left what --resume reloads; else DataError naming what is missing."""
+        hint = f"the unfinished run is damaged: remove {self.dir} to start over"
+        done, report = state.get("done", []), state.get("report", {})
+        if not isinstance(done, list) or not all(isinstance(s, str) for s in done) or not isinstance(report, dict):
+            raise DataError(f"run state {self.state_path} is not edgeprune's: 'done' must be a list of stage names "
+                            "and 'report' a mapping", hint=hint)
+        for stage in done:
+            if stage == "load" and not report:
+                continue  # an empty report: the driver starts the run's report again (load runs anew)
+            for leaf in DONE_LEAVES.get(stage, ()):
+                if isinstance(leaf, str):
+                    ok, what = (self.dir / leaf).is_file(), str(self.dir / leaf)
+                else:
+                    cur: Any = state
+                    for key in leaf:
+                        cur = cur.get(key) if isinstance(cur, dict) else None
+                    ok, what = cur is not None, f"the report's {'.'.join(leaf[1:])}"
+                if not ok:
+                    raise DataError(f"run state {self.state_path} marks stage {stage!r} done, but {what} is missing",
+                                    hint=hint)
 
     def done(self, stage: str) -> bool:
         return stage in self.state.get("done", [])
@@ -146,7 +216,13 @@ class Run:
     def finish(self) -> Path:
         self.state_path.unlink(missing_ok=True)
         os.replace(self.dir, self.final_dir)
+        self.release()
         return self.final_dir
 
     def abandon(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        """Let another process use the run folder (the lock file goes); safe to call twice."""
+        self.lock.release()

@@ -10,7 +10,9 @@ import contextlib
 import gzip
 import hashlib
 import json
+import math
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,17 @@ def pil_to_tensor(img, pre: Preprocessing) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (C, H, W)
 
 
+def check_load_memory(n: int, pre: Preprocessing, what: str) -> None:
+    """Refuse (ResourceError) before loading ``n`` images of ``pre.shape`` that cannot fit in memory as
+    float32 tensors: twice their size, since each set is built from a copy (resize, normalize, stack)."""
+    from .safety import check_memory
+
+    check_memory(2 * 4 * n * math.prod(pre.shape),
+                 f"loading {what} ({n:,} images of {'x'.join(map(str, pre.shape))}, float32)",
+                 setting="data.preprocessing.height / width, or the number of images (data.max_train_images, "
+                         "data.max_eval_images, data.calibration_count)")
+
+
 def _from_uint8(raw: np.ndarray, pre: Preprocessing) -> torch.Tensor:
     """(N, H, W) uint8 grayscale -> (N, C, H, W) normalized, resized if needed."""
     x = torch.from_numpy(raw.astype(np.float32) / 255.0).unsqueeze(1)  # (N, 1, H, W)
@@ -128,12 +141,16 @@ def load_fashion_mnist(root: Optional[Path], split: str, pre: Preprocessing, lim
         raise DataError(f"Fashion-MNIST {split} in {root}: images {imgs.shape} and labels {labels.shape} do not match")
     if limit:
         imgs, labels = imgs[:limit], labels[:limit]
+    check_load_memory(len(imgs), pre, f"the Fashion-MNIST {split} split")
     x = _from_uint8(imgs, pre)
     y = torch.from_numpy(labels.astype(np.int64))
     return TensorData(x, y, list(FASHION_MNIST_CLASSES), f"fashion-mnist:{root}:{split}")
 
 
 # ----------------------------------------------------------------------------- image folders
+
+
+_WARNED_LINKS: set[str] = set()
 
 
 def scan_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -144,10 +161,17 @@ def scan_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     if not classes:
         raise DataError(f"{root} has no class sub-folders", hint="expected root/<class>/<image files>")
     items: list[tuple[Path, int]] = []
+    skipped: list[str] = []
     for ci, cname in enumerate(classes):
         for p in sorted((root / cname).rglob("*")):
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
                 items.append((p, ci))
+            elif p.is_symlink() and (not p.exists() or p.is_dir()):  # a loop, a dangling or a folder link
+                skipped.append(str(p.relative_to(root)))
+    if skipped and str(root) not in _WARNED_LINKS:  # once per folder (the calibration set is scanned twice)
+        _WARNED_LINKS.add(str(root))
+        print(f"warning: {root}: skipped {len(skipped)} symbolic link(s) that loop, point nowhere or point to a "
+              f"folder (not followed): {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
     if not items:
         raise DataError(f"{root} has class folders but no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
     empty = sorted(set(classes) - {classes[ci] for _, ci in items})
@@ -230,6 +254,7 @@ def load_image_folder(root: Path, pre: Preprocessing, limit: Optional[int] = Non
     if limit and limit < len(idx):
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(idx), generator=g)[:limit].sort().values.tolist()
+    check_load_memory(len(idx), pre, f"image folder {root}")
     xs, ys = zip(*(ds[i] for i in idx))
     return TensorData(torch.stack(xs), torch.tensor(ys, dtype=torch.long), ds.classes, f"image-folder:{root}")
 

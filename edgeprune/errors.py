@@ -1,7 +1,8 @@
 """One base error; each subclass says what was wrong and what is valid.
 
 Every error raised for bad user input derives from :class:`EdgePruneError`. The CLI turns
-it into a one-paragraph message and a non-zero exit code (``exit_code``), never a traceback.
+it into a one-paragraph message and a non-zero exit code (``exit_code``), never a traceback:
+2 for bad input, 1 for the environment (:class:`ResourceError`), 3 for a failed gate.
 """
 from __future__ import annotations
 
@@ -61,6 +62,13 @@ class GateError(EdgePruneError):
     """A compiled artifact broke its target's accuracy or latency budget."""
 
     exit_code = 3
+
+
+class ResourceError(EdgePruneError):
+    """The machine cannot do what was asked right now: not enough memory for a setting, no space left on a
+    disk, or the run folder held by another edgeprune process. An unfinished run is kept for ``--resume``."""
+
+    exit_code = 1
 
 
 class RemoteError(EdgePruneError):

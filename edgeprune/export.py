@@ -114,11 +114,19 @@ def check_onnx_file(path: Path):
     size = p.stat().st_size
     if size == 0:
         raise ExportError(f"{p} is empty (0 bytes), not an ONNX model", hint="export it again (`edgeprune export`)")
+    external: set[str] = set()
     try:
         model = onnx.load(str(p), load_external_data=False)
-        onnx.checker.check_model(model)
+        external = {kv.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                    for kv in t.external_data if kv.key == "location"}
+        # with external data the checker needs the file's path: it finds the data files next to it
+        onnx.checker.check_model(str(p) if external else model)
     except Exception as exc:  # noqa: BLE001 - protobuf and the checker raise many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if external:
+            raise ExportError(f"{p} keeps its weights in external data ({', '.join(sorted(external))}), which is "
+                              f"missing, unreadable or outside its folder: {first}",
+                              hint="keep the data file(s) the exporter wrote in the same folder as the .onnx") from None
         raise ExportError(f"{p} ({size} bytes) is not a valid ONNX model (truncated or another format?): {first}",
                           hint="export it again (`edgeprune export`)") from None
     if not model.graph.node:
@@ -127,10 +135,11 @@ def check_onnx_file(path: Path):
 
 
 def check_onnx_input(model, path: Path, *, shape: Optional[tuple[int, int, int]], batch_size: int,
-                     dynamic_batch: bool, source: str = "the preprocessing") -> None:
+                     dynamic_batch: bool, source: str = "the preprocessing") -> tuple[Optional[int], ...]:
     """The ONNX image input is (N, C, H, W) with C, H, W = ``shape`` (from ``source``; not checked when
     None), and its batch
-    dimension fits the target: symbolic for a dynamic-batch target, else symbolic or ``batch_size``."""
+    dimension fits the target: symbolic for a dynamic-batch target, else symbolic or ``batch_size``.
+    Returns the input's (C, H, W), None where symbolic."""
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
@@ -149,3 +158,4 @@ def check_onnx_input(model, path: Path, *, shape: Optional[tuple[int, int, int]]
         want = "a dynamic batch" if dynamic_batch else f"batch {batch_size}"
         raise ExportError(f"{path} has a static batch of {batch}, but the target needs {want}",
                           hint="export with --dynamic-batch, or with the target's batch size")
+    return tuple(dims[1:])

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -200,23 +202,29 @@ def recalibrate_bn(model: nn.Module, data: TensorData, *, batches: int = 20, bat
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temp file in the same folder, then ``os.replace`` it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
+    """Atomic: serialized in memory, written to a temporary file in the same folder, flushed, then
+    ``os.replace``-d over ``path``. A full disk is a ResourceError naming the folder, and no temporary
+    file is left (the previous checkpoint stays, so the run resumes from it)."""
+    from .safety import atomic_path
+
+    buf = io.BytesIO()
+    torch.save(state, buf)  # in memory: a failed disk write then comes out as the OSError it is
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buf.getbuffer())
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> Optional[dict]:
+    """The checkpoint at ``path``; None when there is none, or when it cannot be read (cut short by a crash
+    or a full disk): fine-tuning then starts over, with a one-line notice."""
     if not path.is_file():
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt file: start over rather than crash
-        warnings.warn(f"ignoring unreadable checkpoint {path}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError ...
+        print(f"note: fine-tuning checkpoint {path} cannot be read (truncated or damaged: {type(exc).__name__}); "
+              "fine-tuning starts over from the pruned model", file=sys.stderr)
         return None
 
 

@@ -28,19 +28,29 @@ def reset(stage: Optional[str] = None) -> None:
     _where.update(stage=stage, run_dir=None)
 
 
-def save_traceback(exc: BaseException) -> Path:
+def save_traceback(exc: BaseException) -> Optional[Path]:
+    """The file the traceback went to (the run folder, else a temporary file); None when neither could be
+    written (no file is left half-written)."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     run_dir = _where["run_dir"]
     if isinstance(run_dir, Path) and run_dir.is_dir():
+        path = (run_dir / TRACEBACK_FILE).resolve()
         try:
-            path = (run_dir / TRACEBACK_FILE).resolve()
             path.write_text(text)
             return path
         except OSError:
-            pass
-    with tempfile.NamedTemporaryFile("w", prefix="edgeprune-traceback-", suffix=".txt", delete=False) as f:
-        f.write(text)
-        return Path(f.name)
+            path.unlink(missing_ok=True)
+    try:
+        fd, name = tempfile.mkstemp(prefix="edgeprune-traceback-", suffix=".txt")
+    except OSError:
+        return None
+    try:
+        with open(fd, "w") as f:
+            f.write(text)
+        return Path(name)
+    except OSError:
+        Path(name).unlink(missing_ok=True)
+        return None
 
 
 def crash_line(exc: BaseException) -> str:
@@ -48,5 +58,6 @@ def crash_line(exc: BaseException) -> str:
     path = save_traceback(exc)
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     stage = _where["stage"] or "start-up"
+    where = f"full traceback in {path}" if path else "the traceback could not be saved"
     return (f"unexpected {type(exc).__name__} during {stage}: {first or '(no message)'} "
-            f"(a bug, or an input edgeprune does not check yet; full traceback in {path})")
+            f"(a bug, or an input edgeprune does not check yet; {where})")

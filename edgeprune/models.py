@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from .config import ModelConfig, REPO_ROOT
+from .config import BUILD_TIMEOUT_S, ModelConfig, REPO_ROOT
 from .errors import BackendUnavailableError, ModelLoadError, UnknownNameError, UntrustedPickleError
 
 BUNDLED_ARCH = "edgeprune.zoo:fmnist_cnn"
@@ -157,17 +157,51 @@ def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
     if ":" not in cfg.arch and cfg.arch.startswith(("inception", "googlenet")):
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", False)
-    try:
-        model = factory(**kwargs)
-    except TypeError as exc:
-        raise ModelLoadError(f"cannot build {cfg.arch!r} with {kwargs}: {exc}") from exc
+    model = call_builder(factory, kwargs, cfg.arch, cfg.build_timeout_s)
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{cfg.arch!r} returned {type(model).__name__}, not a torch.nn.Module")
     return _adapt_in_channels(model, in_channels)
 
 
+def call_builder(factory: Any, kwargs: dict[str, Any], arch: str, timeout_s: Optional[float] = BUILD_TIMEOUT_S) -> Any:
+    """``factory(**kwargs)`` within ``timeout_s`` (``model.build_timeout_s``); whatever goes wrong in it (it raises,
+    exits, hangs) is a ModelLoadError or StageTimeout naming ``arch``, never an exit or an edgeprune bug."""
+    from .errors import EdgePruneError
+    from .watchdog import time_budget
+
+    try:
+        with time_budget(timeout_s, f"building the model with {arch}",
+                         hint="the model builder must return a torch.nn.Module without waiting on anything; fix it, "
+                              "or raise model.build_timeout_s if it is just slow"):
+            return factory(**kwargs)
+    except EdgePruneError:
+        raise
+    except TypeError as exc:
+        raise ModelLoadError(f"cannot build {arch!r} with {kwargs}: {exc}") from exc
+    except SystemExit as exc:
+        raise ModelLoadError(f"model builder {arch} called sys.exit({exc.code!r}) instead of returning a model",
+                             hint="fix the factory: it must return a torch.nn.Module") from None
+    except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
+        first = (str(exc).strip().splitlines() or ["(no message)"])[0][:300]
+        raise ModelLoadError(f"model builder {arch} raised {type(exc).__name__}: {first}",
+                             hint="fix the factory or model.kwargs; it must return a torch.nn.Module") from exc
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: Path | str) -> None:
+    """ModelLoadError naming the tensors of ``state`` (read from ``source``) that hold NaN or inf."""
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelLoadError(
+            f"weights {source} hold NaN or inf values in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}; a model with them predicts nothing",
+            hint="these weights are broken (a diverged training run or a damaged file): use a checkpoint from "
+                 "before the divergence, or re-export them")
+
+
 def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor] | nn.Module:
-    """A state dict from safetensors or weights-only torch files; a pickled module only if trusted."""
+    """A state dict from safetensors or weights-only torch files; a pickled module only if trusted.
+    Non-finite (NaN / inf) weights are refused."""
     path = Path(path)
     if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
         path = REPO_ROOT / path
@@ -177,9 +211,11 @@ def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, torc
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise ModelLoadError(f"{path} is not a valid safetensors file: {exc}") from exc
+        check_finite(state, path)
+        return state
     if path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
         raise ModelLoadError(f"unsupported weights format {path.suffix!r} for {path}",
                              hint="valid: .safetensors, .pt, .pth, .bin, .ckpt")
@@ -197,9 +233,11 @@ def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, torc
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
     obj = _unwrap_checkpoint(obj)
     if isinstance(obj, nn.Module):
+        check_finite(obj.state_dict(), path)
         return obj
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelLoadError(f"{path} does not hold a state dict of tensors (found {type(obj).__name__})")
+    check_finite(obj, path)
     return obj
 
 

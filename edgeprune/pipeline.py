@@ -22,8 +22,8 @@ import torch
 
 from . import __version__
 from .config import PipelineConfig, TargetConfig, dump_yaml
-from .context import Inputs, Run, load_inputs, round_to_for, torch_device
-from .errors import ConfigError, EdgePruneError, GateError
+from .context import Inputs, Run, check_baseline, load_inputs, round_to_for, torch_device
+from .errors import ConfigError, EdgePruneError, GateError, ResourceError
 from .guard import at_stage
 from .preflight import preflight
 from .report_model import AccuracySection, DataSection, RunSection
@@ -160,10 +160,13 @@ def run_pipeline(cfg: PipelineConfig, targets: list[TargetConfig], *, resume: bo
         artifacts = stage_compile_and_check(run, inp, model, onnx_path)
         at_stage("report", run.dir)
         stage_report(run)
-    except EdgePruneError:
-        run.abandon()
+        final = run.finish()
+    except EdgePruneError as exc:
+        if not isinstance(exc, ResourceError):  # bad input: nothing to keep; a full disk: --resume carries on
+            run.abandon()
         raise
-    final = run.finish()
+    finally:
+        run.release()
     return RunResult(final, run.report, [a for a in artifacts if a["status"] != "ok"])
 
 
@@ -176,7 +179,8 @@ def _start_report(run: Run, inp: Inputs, device: str, command: str) -> None:
                        command=command, edgeprune=__version__, device=device, targets=[t.name for t in targets],
                        config=cfg.model_dump(mode="json"),
                        targets_config=[t.model_dump(mode="json") for t in targets]).dump(),
-        accuracy=AccuracySection(baseline=prune_stage.accuracy(inp.teacher, inp.eval, device)).dump(),
+        accuracy=AccuracySection(baseline=check_baseline(prune_stage.accuracy(inp.teacher, inp.eval, device),
+                                                         inp.eval, cfg.model)).dump(),
         data=DataSection(eval=inp.eval.source, eval_images=len(inp.eval), train_images=len(inp.train or ()),
                          val_images=len(inp.val or ()), classes=inp.eval.classes).dump(),
         preprocessing=cfg.data.preprocessing.model_dump(mode="json"),

@@ -717,14 +717,10 @@ def read_meta(out_dir: Path) -> dict:
     path = Path(out_dir) / PRUNED_JSON
     if not path.is_file() or not (Path(out_dir) / WEIGHTS_FILE).is_file():
         raise ModelLoadError(f"{out_dir} is not a pruned-model folder: needs {PRUNED_JSON} and {WEIGHTS_FILE}")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
-    missing = {"arch", "model_kwargs", "num_classes", "in_channels", "input_shape", "plan"} - set(meta)
-    if missing:
-        raise ModelLoadError(f"{path} lacks keys {sorted(missing)}")
-    return meta
+    from .safety import read_json
+
+    return read_json(path, "pruned-model file", keys=("arch", "model_kwargs", "num_classes", "in_channels",
+                                                     "input_shape", "plan"))
 
 
 def apply_plan(model: nn.Module, example_inputs: torch.Tensor, plan: dict[str, int]) -> nn.Module:
@@ -800,7 +796,7 @@ def load_pruned(out_dir: Path) -> nn.Module:
     from safetensors.torch import load_file
 
     from .config import ModelConfig
-    from .models import build_model
+    from .models import build_model, check_finite
 
     meta = read_meta(Path(out_dir))
     cfg = ModelConfig(arch=meta["arch"], num_classes=meta["num_classes"], kwargs=meta["model_kwargs"],
@@ -810,7 +806,11 @@ def load_pruned(out_dir: Path) -> nn.Module:
         rebuild_to_shapes(model, meta["shapes"], meta["attrs"])
     else:
         apply_plan(model, torch.zeros(1, *meta["input_shape"]), meta["plan"])
-    state = OrderedDict(load_file(str(Path(out_dir) / WEIGHTS_FILE)))
+    try:
+        state = OrderedDict(load_file(str(Path(out_dir) / WEIGHTS_FILE)))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelLoadError(f"{Path(out_dir) / WEIGHTS_FILE} is not a valid safetensors file: {exc}") from exc
+    check_finite(state, Path(out_dir) / WEIGHTS_FILE)
     setattr(state, "_metadata", getattr(model.state_dict(), "_metadata", None))  # per-module versions (MNASNet)
     try:
         model.load_state_dict(state, strict=True)

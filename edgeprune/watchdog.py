@@ -25,10 +25,12 @@ class _Expired(BaseException):
     """Raised inside the stage; a BaseException so that ``except Exception`` in library code cannot swallow it."""
 
 
-def _stage_error(stage: str, seconds: float) -> StageTimeout:
-    return StageTimeout(f"{stage} did not finish within {seconds:g} s and was stopped",
-                        hint="raise prune.trace_timeout_s (--trace-timeout) if the model is just large, use a "
-                             "smaller --input-shape, or --ignore the part of the model that loops")
+TRACE_HINT = ("raise prune.trace_timeout_s (--trace-timeout) if the model is just large, use a smaller --input-shape, "
+              "or --ignore the part of the model that loops")
+
+
+def _stage_error(stage: str, seconds: float, hint: str) -> StageTimeout:
+    return StageTimeout(f"{stage} did not finish within {seconds:g} s and was stopped", hint=hint)
 
 
 @contextmanager
@@ -70,8 +72,9 @@ def _thread_alarm(seconds: float) -> Iterator[None]:
 
 
 @contextmanager
-def time_budget(seconds: Optional[float], stage: str) -> Iterator[None]:
-    """Run the ``with`` body for at most ``seconds`` (None or <= 0: no limit); past it, StageTimeout naming ``stage``."""
+def time_budget(seconds: Optional[float], stage: str, *, hint: str = TRACE_HINT) -> Iterator[None]:
+    """Run the ``with`` body for at most ``seconds`` (None or <= 0: no limit); past it, StageTimeout naming
+    ``stage`` (with ``hint``: what to change)."""
     if not seconds or seconds <= 0:
         yield
         return
@@ -80,4 +83,4 @@ def time_budget(seconds: Optional[float], stage: str) -> Iterator[None]:
         with (_posix_alarm if posix else _thread_alarm)(seconds):
             yield
     except _Expired:
-        raise _stage_error(stage, seconds) from None
+        raise _stage_error(stage, seconds, hint) from None

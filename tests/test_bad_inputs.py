@@ -40,6 +40,23 @@ def _isolated(tmp_path, monkeypatch):
     guard.reset()
 
 
+@pytest.fixture(autouse=True)
+def _crash_guard_not_reached(request, monkeypatch):
+    """Issue 22: no case here may end in the crash guard's "unexpected ... (a bug ...)" line; only the tests of
+    the guard itself (marked ``crash_guard``) reach it."""
+    reached: list[BaseException] = []
+    real = guard.crash_line
+
+    def recording(exc: BaseException) -> str:
+        reached.append(exc)
+        return real(exc)
+
+    monkeypatch.setattr(guard, "crash_line", recording)
+    yield
+    if request.node.get_closest_marker("crash_guard") is None:
+        assert not reached, f"the crash guard was reached by {[f'{type(e).__name__}: {e}' for e in reached]}"
+
+
 def cli(capsys, *args: str) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``edgeprune ARGS``."""
     old = sys.argv
@@ -602,6 +619,7 @@ def _last_traceback_path(err: str) -> Path:
     return Path(err.rsplit("full traceback in ", 1)[1].strip().removesuffix(")"))
 
 
+@pytest.mark.crash_guard
 def test_unexpected_exception_becomes_one_line_and_a_traceback_file(capsys, monkeypatch):
     import edgeprune.commands.run as run_cmd
 
@@ -619,6 +637,7 @@ def test_unexpected_exception_becomes_one_line_and_a_traceback_file(capsys, monk
         path.unlink()
 
 
+@pytest.mark.crash_guard
 def test_unexpected_exception_in_a_stage_saves_its_traceback_in_the_run_folder(tmp_path, capsys, monkeypatch):
     from edgeprune import pipeline
     from edgeprune.data import TensorData
@@ -650,3 +669,452 @@ def test_edgeprune_errors_keep_their_exit_codes(capsys, monkeypatch):
     code, _, err = cli(capsys, "run", "--dry-run", "-t", "cpu-onnxruntime")
     assert_clean_failure(code, err, exit_code=3, names=("failed their target's budget",))
     assert "unexpected" not in err
+
+
+# ----------------------------------------------------------------------------- issue 22, rows 2-9
+
+
+def _broken_weights(path: Path, key: str, value: float) -> Path:
+    """The bundled weights with every value of ``key`` set to ``value`` (.safetensors or .pt by suffix)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(WEIGHTS))
+    sd[key] = torch.full_like(sd[key], value)
+    save_file(sd, str(path)) if path.suffix == ".safetensors" else torch.save(sd, path)
+    return path
+
+
+@pytest.mark.parametrize("file, key, value", [("nan.safetensors", "features.0.weight", float("nan")),
+                                              ("inf.pt", "features.1.running_var", float("inf"))])
+def test_non_finite_weights_are_refused_at_load(tmp_path, capsys, file, key, value):
+    """Row 2: NaN / inf weights (a conv weight, a BN running_var) are refused where weights are read."""
+    weights = _broken_weights(tmp_path / file, key, value)
+    code, _, err = cli(capsys, "prune", "--weights", weights, "--out", tmp_path / "p", "--no-progress")
+    assert_clean_failure(code, err, exit_code=2, names=(str(weights), "NaN or inf", key))
+    assert not (tmp_path / "p").exists()
+
+
+def test_non_finite_weights_in_a_pruned_folder_are_refused(tmp_path, capsys):
+    folder = pruned_folder(tmp_path / "p", "edgeprune.zoo:fmnist_cnn", {})
+    _broken_weights(folder / "model.safetensors", "classifier.weight", float("nan"))
+    code, _, err = cli(capsys, "export", folder, "--out", tmp_path / "m.onnx")
+    assert_clean_failure(code, err, exit_code=2, names=("model.safetensors", "NaN or inf", "classifier.weight"))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_chance_level_baseline_is_refused_unless_allowed(tmp_path, capsys, monkeypatch):
+    """Row 2: an unpruned model at chance level (here random init) is no reference; --allow-chance-baseline
+    lets it through (the run then stops at a stand-in score stage)."""
+    from edgeprune import pipeline
+    from edgeprune.errors import PruneError
+
+    args = ("run", "--name", "r", "-t", "cpu-onnxruntime", "--no-progress", "--set", "model.weights=null",
+            "--set", "data.max_train_images=64", "--set", "data.max_eval_images=2000")
+    code, _, err = cli(capsys, *args)
+    assert_clean_failure(code, err, exit_code=2, names=("random init", "chance level", "2000 eval images",
+                                                        "--allow-chance-baseline"))
+    assert not any((tmp_path / "runs").iterdir())
+
+    def stop(*_a, **_k):
+        raise PruneError("stand-in score stage: the baseline was accepted")
+
+    monkeypatch.setattr(pipeline, "stage_score", stop)
+    code, _, err = cli(capsys, *args, "--allow-chance-baseline")
+    assert_clean_failure(code, err, exit_code=2, names=("the baseline was accepted",))
+
+
+def test_check_baseline_refuses_chance_unless_allowed():
+    from edgeprune.config import ModelConfig
+    from edgeprune.context import check_baseline
+    from edgeprune.data import TensorData
+    from edgeprune.errors import ModelLoadError
+
+    data = TensorData(torch.zeros(1000, 1, 28, 28), torch.arange(10).repeat(100), list("abcdefghij"), "test")
+    with pytest.raises(ModelLoadError, match=r"scores 11\.00 % top-1 on the 1000 eval images, chance level"):
+        check_baseline(0.11, data, ModelConfig())
+    assert check_baseline(0.11, data, ModelConfig(allow_chance_baseline=True)) == 0.11
+    assert check_baseline(0.20, data, ModelConfig()) == 0.20  # 0.1 + 3 sd of 1000 images = 0.128: told apart
+
+
+def test_chance_level_bound():
+    from edgeprune.context import chance_level
+
+    chance, bound = chance_level(torch.arange(10).repeat(1000), 10)  # balanced, 10,000 images
+    assert chance == pytest.approx(0.1) and bound == pytest.approx(0.1 + 3 * (0.1 * 0.9 / 10_000) ** 0.5)
+    chance, _ = chance_level(torch.tensor([0] * 70 + [1] * 30), 10)  # always answering class 0 scores 70 %
+    assert chance == pytest.approx(0.7)
+    assert chance_level(torch.zeros(4, dtype=torch.long), 10)[1] >= 1.0  # one class: cannot tell, not judged
+
+
+def _anchor_bomb(path: Path) -> Path:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("kind, names", [("bomb", ("expands to more than 100,000 values",)),
+                                         ("deep", ("nested more than 64 levels deep",)),
+                                         ("recursive", ("refers to itself",))])
+@pytest.mark.parametrize("command", ["run", "targets"])
+def test_yaml_bombs_and_deep_nesting_are_refused(tmp_path, capsys, kind, names, command):
+    """Row 3: a "billion laughs" anchor bomb, 10,000-deep nesting and a self-referring alias are refused at once."""
+    path = tmp_path / f"{kind}.yaml"
+    if kind == "bomb":
+        _anchor_bomb(path)
+    else:
+        path.write_text("x: " + "[" * 10_000 + "]" * 10_000 + "\n" if kind == "deep" else "x: &a [1, *a]\n")
+    args = (["run", "--dry-run", "--config", path] if command == "run" else ["targets", "validate", path])
+    code, _, err = cli(capsys, *args)
+    assert_clean_failure(code, err, exit_code=2, names=(str(path), *names))
+
+
+def test_yaml_bomb_in_a_set_value_is_refused(capsys):
+    bomb = "[" + ", ".join(["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]"
+                                                                  for i in range(1, 7)]) + "]"
+    code, _, err = cli(capsys, "run", "--dry-run", "--set", f"data.class_names={bomb}")
+    assert_clean_failure(code, err, exit_code=2, names=("--set", "expands to more than"))
+
+
+def _hold_lock(path: Path):
+    """A separate process holding the run lock at ``path``; returns (process, its pid)."""
+    import subprocess
+
+    code = (f"import sys, time; from edgeprune.safety import RunLock; RunLock({str(path)!r}, 'x').acquire(); "
+            "print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_process_on_a_run_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    """Row 4: one process at a time in a run folder. A second one is refused naming the first's pid; the lock
+    file of a process that died is taken over with a notice (here the run then stops at the broken state file)."""
+    partial = _partial(tmp_path, '{"done": ["load", ')
+    owner = _hold_lock(tmp_path / "runs" / "r.lock")
+    try:
+        before = snapshot(tmp_path)
+        code, _, err = cli(capsys, "run", *RESUME_ARGS)
+        assert_clean_failure(code, err, exit_code=1, names=("runs/r.partial", "in use by another edgeprune process",
+                                                            f"pid {owner.pid}"))
+        assert snapshot(tmp_path) == before
+    finally:
+        owner.kill()
+        owner.wait()
+    assert (tmp_path / "runs" / "r.lock").read_text().strip() == str(owner.pid)  # left behind by a dead process
+    code, _, err = cli(capsys, "run", *RESUME_ARGS)
+    assert_clean_failure(code, err, exit_code=2, names=("taking over the lock of run folder runs/r.partial left by pid "
+                                                        f"{owner.pid}", "state.json", "not valid JSON"))
+    assert not (tmp_path / "runs" / "r.lock").exists() and partial.is_dir()
+
+
+def test_run_lock_is_exclusive_within_one_process_too(tmp_path):
+    from edgeprune.errors import ResourceError
+    from edgeprune.safety import RunLock
+
+    first = RunLock(tmp_path / "r.lock", "run folder r.partial").acquire()
+    with pytest.raises(ResourceError, match=f"pid {os.getpid()}"):
+        RunLock(tmp_path / "r.lock", "run folder r.partial").acquire()
+    first.release()
+    assert not (tmp_path / "r.lock").exists()
+    RunLock(tmp_path / "r.lock", "run folder r.partial").acquire().release()
+
+
+def _factory_module(tmp_path: Path, monkeypatch, name: str, body: str) -> str:
+    (tmp_path / f"{name}.py").write_text(f"import sys, time\n\ndef net(num_classes=10, in_channels=1):\n    {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{name}:net"
+
+
+@pytest.mark.parametrize("module, body, names", [
+    ("exitnets", "sys.exit(0)", ("exitnets:net", "called sys.exit(0)")),
+    ("raisenets", "raise ValueError('checkpoint server unreachable')",
+     ("raisenets:net", "raised ValueError", "checkpoint server unreachable")),
+    ("sleepnets", "time.sleep(10**6)", ("sleepnets:net", "did not finish within 1 s", "model.build_timeout_s")),
+])
+def test_a_factory_that_exits_raises_or_hangs(tmp_path, capsys, monkeypatch, module, body, names):
+    """Rows 5 and 7: a trusted factory that calls sys.exit(0), raises, or never returns is a clean error naming
+    it (construction is time-boxed by model.build_timeout_s), never exit 0 with nothing written."""
+    arch = _factory_module(tmp_path, monkeypatch, module, body)
+    cfg = write_yaml(tmp_path / "c.yaml", {"model": {"build_timeout_s": 1}})
+    code, _, err = cli(capsys, "--trust-code", module, "prune", "--arch", arch, "--config", cfg, "--out",
+                       tmp_path / "p", "--no-progress")
+    assert_clean_failure(code, err, exit_code=2, names=names)
+    assert not (tmp_path / "p").exists()
+
+
+def test_readme_states_the_model_build_budget():
+    from edgeprune.config import BUILD_TIMEOUT_S
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"(`model.build_timeout_s`, default {BUILD_TIMEOUT_S:g} s)" in " ".join(readme.split())
+
+
+@pytest.mark.parametrize("damage, names", [
+    ("unknown-op", ("cannot run the result", "NoSuchOp")),
+    ("nan-weights", ("NaN or inf",)),
+])
+def test_compile_runs_what_it_wrote(tmp_path, capsys, damage, names):
+    """Row 5: `compile` opens a session on each artifact and runs it once; an ONNX that passes the checker but
+    that ONNX Runtime cannot load (an operator of an unknown domain) or that answers NaN is refused."""
+    import onnx
+
+    pytest.importorskip("onnxruntime")
+    model = onnx.load(str(tiny_onnx(tmp_path / "m.onnx")))
+    if damage == "unknown-op":
+        node = next(n for n in model.graph.node if n.op_type == "Relu")
+        node.domain, node.op_type = "com.example", "NoSuchOp"
+        model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    else:
+        init = next(i for i in model.graph.initializer if i.name == "classifier.weight")
+        arr = onnx.numpy_helper.to_array(init).copy()
+        arr[:] = np.nan
+        init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    code, _, err = cli(capsys, "compile", tmp_path / "bad.onnx", "-t", "cpu-onnxruntime", "-p", "fp32", "--out",
+                       tmp_path / "out")
+    assert_clean_failure(code, err, exit_code=2, names=("bad.onnx", *names))
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_for_a_device_that_is_not_here_says_it_was_not_run(tmp_path, capsys):
+    """An artifact for another box's device (an Intel GPU) is built but cannot be run here: said, not hidden."""
+    pytest.importorskip("openvino")
+    from edgeprune.backends import get_backend
+    from edgeprune.config import Precision
+
+    if get_backend("openvino").supports(Precision.fp32, "GPU")[0]:
+        pytest.skip("this machine has an OpenVINO GPU: the artifact is run here")
+    code, _, err = cli(capsys, "compile", tiny_onnx(tmp_path / "m.onnx"), "-t", "intel-gpu-openvino", "-p", "fp32",
+                       "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "was not run here" in err and "'GPU' is not available here" in err
+    assert (tmp_path / "out" / "fp32" / "model.xml").is_file()
+
+
+def _little_memory(monkeypatch, gib: float = 8.0) -> None:
+    from edgeprune import safety
+
+    monkeypatch.setattr(safety, "available_memory", lambda: int(gib * 2**30))
+
+
+def test_preprocessing_too_large_for_memory_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """Row 6: 4096x4096 preprocessing (the largest accepted) is checked against the memory here before any
+    image is loaded (8 GiB made the machine's memory for the test)."""
+    _little_memory(monkeypatch)
+    code, _, err = cli(capsys, "run", "-t", "cpu-onnxruntime", "--no-progress", "--set",
+                       "data.preprocessing.height=4096", "--set", "data.preprocessing.width=4096", "--set",
+                       "data.max_train_images=256")
+    assert_clean_failure(code, err, exit_code=1, names=("256 images of 1x4096x4096", "needs 32.0 GiB",
+                                                        "8.0 GiB is available", "data.preprocessing.height"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_huge_target_batch_is_refused_by_validate_compile_and_bench(artifact, tmp_path, capsys, monkeypatch):
+    """Row 6: batch_size 10**9 needs terabytes for its input alone: refused by `targets validate`, `compile`
+    and `bench` before anything is allocated."""
+    _little_memory(monkeypatch)
+    big = write_yaml(tmp_path / "big.yaml", {"backend": "onnxruntime", "batch_size": 10**9, "precisions": ["fp32"]})
+    code, _, err = cli(capsys, "targets", "validate", big)
+    assert_clean_failure(code, err, exit_code=2, names=("1,000,000,000 inputs of 1x8x8", "batch_size"))
+    code, _, err = cli(capsys, "compile", tmp_path / "m.onnx", "-t", big, "-p", "fp32", "--out", tmp_path / "o")
+    assert_clean_failure(code, err, exit_code=1, names=("1,000,000,000 inputs of 1x28x28", "needs 2.9 TiB",
+                                                        "batch_size / max_batch_size of target 'big'"))
+    assert not (tmp_path / "o").exists()
+    code, out, err = cli(capsys, "bench", artifact, "-t", big, "--min-runs", "1", "--no-progress")
+    assert_clean_failure(code, err, exit_code=1, names=("benchmarking on target 'big'", "needs 2.9 TiB"))
+    assert "p50" not in out
+
+
+def test_available_memory_is_known_here():
+    from edgeprune.safety import available_memory
+
+    free = available_memory()
+    assert free is not None and 0 < free < 2**50
+
+
+class _FullDisk:
+    """A file object whose writes stop with ENOSPC after ``room`` bytes, like a write to a full disk."""
+
+    def __init__(self, path, mode="r", *a, room: int = 1000, **k):
+        self.f = open(path, mode, *a, **k)
+        self.room = room
+
+    def write(self, data) -> int:
+        import errno
+
+        n = self.f.write(bytes(data[: self.room]))
+        self.room -= n
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_full_disk_writing_a_checkpoint_leaves_the_old_one_and_no_temporary_file(tmp_path, monkeypatch):
+    """Row 8, the writer: a checkpoint write that hits ENOSPC is "no space left on <folder>" (exit 1), no
+    temporary file is left and the previous checkpoint is untouched."""
+    from edgeprune import finetune
+    from edgeprune.errors import ResourceError
+
+    path = tmp_path / "ckpt" / "last.pt"
+    finetune.save_checkpoint(path, {"step": 1})
+    monkeypatch.setattr(finetune, "open", _FullDisk, raising=False)
+    with pytest.raises(ResourceError, match=f"no space left on {tmp_path / 'ckpt'}") as exc:
+        finetune.save_checkpoint(path, {"step": 2, "x": torch.zeros(10_000)})
+    assert exc.value.exit_code == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+    assert finetune.load_checkpoint(path) == {"step": 1}
+
+
+def test_full_disk_writing_safetensors_is_named(tmp_path, monkeypatch):
+    """safetensors writes through Rust: its error only says "No space left on device (os error 28)"."""
+    import safetensors.torch
+
+    from edgeprune.errors import ResourceError
+    from edgeprune.models import save_safetensors
+    from edgeprune.zoo import fmnist_cnn
+
+    def full(*_a, **_k):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(ResourceError, match="no space left on"):
+        save_safetensors(fmnist_cnn(), tmp_path / "model.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_full_disk_mid_run_keeps_the_run_resumable(tmp_path, capsys, monkeypatch):
+    """Row 8, a whole run: the disk fills while fine-tuning writes its checkpoint; the run stops with "no space
+    left on <folder>" (exit 1), leaves no temporary or traceback file, and --resume finishes it."""
+    from edgeprune import finetune
+
+    monkeypatch.setattr(finetune, "open", _FullDisk, raising=False)
+    args = ("run", "--name", "r", "-t", "cpu-onnxruntime", "--no-progress", "--no-fail-on-gate",
+            "--set", "data.max_train_images=256", "--set", "data.max_eval_images=256",
+            "--set", "bench.baseline=false", "--set", "bench.min_runs=2", "--set", "bench.min_time_s=0")
+    code, _, err = cli(capsys, *args)
+    partial = tmp_path / "runs" / "r.partial"
+    assert_clean_failure(code, err, exit_code=1, names=("no space left on runs/r.partial/checkpoints", "--resume"))
+    left = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+    assert not [p for p in left if p.endswith(".tmp") or "traceback" in p], left
+    assert json.loads((partial / "state.json").read_text())["done"] == ["load", "score", "prune"]
+    monkeypatch.delattr(finetune, "open")  # the disk has room again
+    code, out, err = cli(capsys, *args, "--resume")
+    assert code == 0, err
+    assert (tmp_path / "runs" / "r" / "report.json").is_file() and not partial.exists()
+
+
+@pytest.mark.parametrize("name, names", [("a\nb", ("'a\\nb'", "control characters")),
+                                         ("a\tb", ("'a\\tb'", "control characters")),
+                                         ("x" * 300, ("300 bytes long", "under 200 bytes"))])
+def test_run_name_with_control_characters_or_too_long(tmp_path, capsys, name, names):
+    """Row 9: a run name is one short, printable folder name."""
+    code, _, err = cli(capsys, "run", "--name", name, "--dry-run")
+    assert_clean_failure(code, err, exit_code=2, names=names)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_when_a_stage_marked_done_left_nothing(tmp_path, capsys):
+    """Row 9: state.json is valid and the config matches, but what a stage marked done should have left is
+    missing: refused at once (not a KeyError minutes later)."""
+    from edgeprune.commands.run import build_config
+    from edgeprune.config import resolve_targets
+    from edgeprune.preflight import config_fingerprint
+
+    cfg = build_config(None, ["data.max_train_images=64", "data.max_eval_images=64"], name="r")
+    started = config_fingerprint(cfg, resolve_targets(["cpu-onnxruntime"]))
+    for done, report, names in [(["load"], {"run": {"name": "r"}}, ("'load' done", "accuracy.baseline is missing")),
+                                (["load", "score"], {"run": {}, "accuracy": {"baseline": 0.9}},
+                                 ("'score' done", "scores.json is missing"))]:
+        partial = _partial(tmp_path, {"done": done, "report": report, "config": started})
+        before = snapshot(tmp_path)
+        code, _, err = cli(capsys, "run", *RESUME_ARGS)
+        assert_clean_failure(code, err, exit_code=2, names=("state.json", *names, "remove"))
+        assert snapshot(tmp_path) == before
+        import shutil
+
+        shutil.rmtree(partial)
+
+
+def test_bundle_of_a_report_of_the_wrong_shape(tmp_path, capsys):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps({"run": [1, 2], "artifacts": "x"}))
+    code, _, err = cli(capsys, "bundle", run)
+    assert_clean_failure(code, err, exit_code=2, names=("report.json", "shape", "run"))
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"]
+
+
+def test_verify_refuses_a_tar_slip_bundle(tmp_path, capsys):
+    import io
+    import tarfile
+
+    bundle = tmp_path / "evil-bundle.tar.gz"
+    with tarfile.open(bundle, "w:gz") as tar:
+        member = tarfile.TarInfo("../../slipped.txt")
+        member.size = 6
+        tar.addfile(member, io.BytesIO(b"pwned\n"))
+    code, _, err = cli(capsys, "verify", bundle)
+    assert_clean_failure(code, err, exit_code=2, names=("refusing to unpack", str(bundle), "slipped.txt"))
+    assert not list(Path("/tmp").glob("slipped.txt")) and not (tmp_path.parent / "slipped.txt").exists()
+
+
+def test_onnx_with_external_data_beside_it_compiles(tmp_path, capsys):
+    """Row 9: weights in a .data file next to the ONNX (as exporters write big models) are legitimate, whatever
+    the working folder; a missing data file is named as such, not as a truncated ONNX."""
+    import onnx
+
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "models").mkdir()
+    src = onnx.load(str(tiny_onnx(tmp_path / "m.onnx")))
+    onnx.save_model(src, str(tmp_path / "models" / "ext.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="ext.onnx.data", size_threshold=0)
+    (tmp_path / "elsewhere").mkdir()
+    os.chdir(tmp_path / "elsewhere")
+    code, _, err = cli(capsys, "compile", tmp_path / "models" / "ext.onnx", "-t", "cpu-onnxruntime", "-p", "fp32",
+                       "--out", tmp_path / "out")
+    assert code == 0, err
+    assert (tmp_path / "out" / "fp32" / "model.onnx").is_file()
+    (tmp_path / "models" / "ext.onnx.data").unlink()
+    code, _, err = cli(capsys, "compile", tmp_path / "models" / "ext.onnx", "-t", "cpu-onnxruntime", "-p", "fp32",
+                       "--out", tmp_path / "out2")
+    assert_clean_failure(code, err, exit_code=2, names=("external data", "ext.onnx.data", "same folder"))
+    assert "truncated" not in err
+
+
+def test_symlink_loops_in_an_image_folder_are_skipped_with_a_warning(tmp_path, capsys):
+    calib = image_folder(tmp_path / "calib", ["a", "b"], per_class=4)
+    os.symlink("loop2.png", calib / "a" / "loop1.png")
+    os.symlink("loop1.png", calib / "a" / "loop2.png")
+    os.symlink("..", calib / "b" / "up")
+    cfg = write_yaml(tmp_path / "c.yaml", {"data": {"calibration": str(calib), "min_calibration": 4}})
+    code, _, err = cli(capsys, "score", "--config", cfg, "--criterion", "l1", "--out", tmp_path / "s",
+                       "--num-images", "8")
+    assert code == 0, err
+    assert err.count("skipped 3 symbolic link(s)") == 1 and "a/loop1.png" in err and "b/up" in err
+
+
+def test_truncated_finetune_checkpoint_restarts_with_a_notice(tmp_path, capsys):
+    """Row 9: a fine-tuning checkpoint cut short (a crash, a full disk) is a one-line notice and a fresh start,
+    not torch's "please file an issue" text."""
+    from edgeprune import finetune
+
+    path = tmp_path / "last.pt"
+    finetune.save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "step": 3})
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert finetune.load_checkpoint(path) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "truncated or damaged" in err and "starts over" in err
+    assert "issue" not in err.lower()

@@ -32,7 +32,8 @@ def test_run_rescores_between_steps(tmp_path, monkeypatch):
     cfg_path = tmp_path / "p.yaml"
     cfg_path.write_text(yaml.safe_dump({
         "name": "rescore", "output_dir": str(tmp_path / "runs"),
-        "model": {"arch": "edgeprune.zoo:fmnist_cnn", "weights": str(weights), "kwargs": {"widths": [8, 8, 16]}},
+        "model": {"arch": "edgeprune.zoo:fmnist_cnn", "weights": str(weights), "kwargs": {"widths": [8, 8, 16]},
+                  "allow_chance_baseline": True},  # untrained on purpose
         "data": {"max_train_images": 64, "max_eval_images": 64, "calibration_count": 32, "min_calibration": 16},
         "score": {"criterion": "sae-mi", "num_images": 32, "quantization": "zero-quantile"},
         "prune": {"target_macs_reduction": 1.5, "iterative_steps": 2, "rescore_between_steps": True},

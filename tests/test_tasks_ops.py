@@ -389,7 +389,9 @@ def test_cli_task_run_shares_the_run_folder_rules(tmp_path):
     assert res.returncode != 0 and "do not fit LRASPP" in res.stderr
     assert not out.exists() and not out.with_name("seg.partial").exists()
 
-    Run(cfg, resolve_targets(cfg.targets), out=out).save()  # an unfinished run started with another config
+    unfinished = Run(cfg, resolve_targets(cfg.targets), out=out)  # an unfinished run started with another config
+    unfinished.save()
+    unfinished.release()  # ... whose process has ended
     cfg_path.write_text(yaml.safe_dump(cfg.model_copy(update={"name": "changed"}).model_dump(mode="json")))
     res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "config differs" in res.stderr and "name" in res.stderr

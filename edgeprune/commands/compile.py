@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import Precision, load_pipeline_config, load_target
+from ..safety import check_batch_memory
 
 
 def compile_cmd(
@@ -32,9 +33,11 @@ def compile_cmd(
     get_backend(tgt.backend.value)  # a missing runtime fails here, before any calibration image is read
     data_cfg = load_pipeline_config(config).data
     # without --config the ONNX's own C, H, W are taken as they are; the batch must fit the target in any case
-    check_onnx_input(check_onnx_file(onnx), onnx, shape=data_cfg.preprocessing.shape if config else None,
-                     batch_size=tgt.batch_size, dynamic_batch=tgt.dynamic_batch,
-                     source=f"data.preprocessing of {config}")
+    dims = check_onnx_input(check_onnx_file(onnx), onnx, shape=data_cfg.preprocessing.shape if config else None,
+                            batch_size=tgt.batch_size, dynamic_batch=tgt.dynamic_batch,
+                            source=f"data.preprocessing of {config}")
+    chw = tuple(d or want for d, want in zip(dims, data_cfg.preprocessing.shape))  # symbolic: the preprocessing's
+    check_batch_memory(tgt, chw, f"checking the artifacts for target {tgt.name!r}")
     _check_out(out, precisions, force)
     calib, summary = None, None
     if Precision.int8 in precisions:
@@ -44,7 +47,7 @@ def compile_cmd(
         typer.echo(f"calibration: {summary['count']} images from {summary['path']}")
     table = Table("target", "backend", "precision", "device", "artifact", "size (KiB)")
     for p in precisions:
-        art = _compile_one(onnx, out, tgt, p, calib if p == Precision.int8 else None, force)
+        art = _compile_one(onnx, out, tgt, p, calib if p == Precision.int8 else None, force, chw)
         if p == Precision.int8 and summary:
             art.meta["calibration"]["source"] = summary  # where the images came from (path, files hash)
             art.save()
@@ -65,9 +68,9 @@ def _check_out(out: Path, precisions: list[Precision], force: bool) -> None:
                           "artifacts of two models", hint="pass --force to replace them, or another --out")
 
 
-def _compile_one(onnx: Path, out: Path, tgt, precision: Precision, calib, force: bool):
-    """One artifact into OUT/<precision> with the compile stage's call, built in a fresh folder; a failed
-    build leaves no folder behind."""
+def _compile_one(onnx: Path, out: Path, tgt, precision: Precision, calib, force: bool, chw: tuple[int, ...]):
+    """One artifact into OUT/<precision> with the compile stage's call, built in a fresh folder and run once
+    (:func:`check_runs`); a failed build or check leaves no folder behind."""
     from ..stages.compile import compile_artifact
 
     folder = out / precision.value
@@ -75,12 +78,46 @@ def _compile_one(onnx: Path, out: Path, tgt, precision: Precision, calib, force:
     if force and folder.exists():
         shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
     try:
-        return compile_artifact(onnx, folder, tgt, precision, calib)
+        art = compile_artifact(onnx, folder, tgt, precision, calib)
+        check_runs(art, tgt, chw, onnx)
+        return art
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         if created_out and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+
+
+def check_runs(art, tgt, chw: tuple[int, ...], source: Path) -> None:
+    """The artifact built from ``source`` loads in its runtime and answers a batch of zeros (the target's
+    batch, 1 when dynamic) with finite outputs; else CompileError naming ``source``, so that `compile` never
+    exits 0 for an artifact that cannot run."""
+    import numpy as np
+
+    from ..backends import get_backend
+    from ..errors import CompileError, EdgePruneError
+
+    backend = get_backend(tgt.backend.value)
+    ok, why = backend.supports(Precision(art.precision), tgt.device)
+    if tgt.host is not None or not ok:  # built for a box or a device that is not here
+        typer.echo(f"note: {art.path} was not run here ({why or 'a remote target'}); run `edgeprune bench` on it "
+                   "where the target's device is", err=True)
+        return
+    x = np.zeros((1 if tgt.dynamic_batch else tgt.batch_size, *chw), np.float32)
+    try:
+        y = np.asarray(backend.load(art, target=tgt)(x))
+    except EdgePruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each runtime raises its own types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CompileError(f"{source} compiled for target {tgt.name!r} ({art.precision}), but {tgt.backend.value} "
+                           f"on {tgt.device} cannot run the result: {first}",
+                           hint="the ONNX likely uses an operator or opset this runtime lacks: export it again "
+                                "(export.opset) or choose another target") from exc
+    if not np.isfinite(y).all():
+        raise CompileError(f"{source} compiled for target {tgt.name!r} ({art.precision}) answers NaN or inf for an "
+                           "all-zero input",
+                           hint="the model's weights hold NaN/inf, or the precision conversion overflowed")
 
 
 def register(app: typer.Typer) -> None:

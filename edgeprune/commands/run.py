@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-import yaml
 
-from ..config import PipelineConfig, PruneConfig, dump_yaml, load_pipeline_config, resolve_targets, set_fields
+from ..config import (PipelineConfig, PruneConfig, dump_yaml, load_pipeline_config, load_yaml_text, resolve_targets,
+                      set_fields)
 from ..errors import ConfigError
 
 
@@ -20,10 +20,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value (e.g. prune.target_macs_reduction=3), got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+        out[key.strip()] = load_yaml_text(value, f"--set {item!r}: the value")
     return out
 
 
@@ -71,6 +68,9 @@ def register(app: typer.Typer) -> None:
         weights: Optional[Path] = typer.Option(None, help="model weights (.safetensors or .pt state dict)"),
         arch: Optional[str] = typer.Option(None, help="torchvision name or package.module:factory"),
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a pickled whole model (runs code)"),
+        allow_chance_baseline: bool = typer.Option(False, "--allow-chance-baseline",
+                                                   help="run even when the unpruned model scores at chance level "
+                                                        "(random init); model.allow_chance_baseline"),
         trust_code: list[str] = typer.Option([], "--trust-code", metavar="MODULE[:FACTORY]",
                                              help="allow importing this model factory module (runs its code); repeatable"),
         latency_budget_ms: Optional[float] = typer.Option(None, help="latency-driven pruning to this p50 budget"),
@@ -85,7 +85,8 @@ def register(app: typer.Typer) -> None:
 
         trust(*trust_code)
         direct: dict[str, Any] = {"name": name, "model.weights": str(weights) if weights else None, "model.arch": arch,
-                  "model.trust_pickle": True if trust_pickle else None, "fail_on_gate": fail_on_gate}
+                  "model.trust_pickle": True if trust_pickle else None, "fail_on_gate": fail_on_gate,
+                  "model.allow_chance_baseline": True if allow_chance_baseline else None}
         if target:
             direct["targets"] = list(target)
         cfg = build_config(config, set_, **direct)
@@ -164,14 +165,16 @@ def _run_task(cfg: PipelineConfig, out: Optional[Path], *, resume: bool) -> None
     final = Path(out) if out else Path(cfg.output_dir) / cfg.name
     check_writable(final.parent, "output folder")
     run = Run(cfg, targets, resume=resume, out=final)
-    run.save()  # the config fingerprint a later --resume is checked against
     try:
+        run.save()  # the config fingerprint a later --resume is checked against
         report = run_task(cfg, run.dir)  # trains and fine-tunes from its checkpoints when resumed
+        final = run.finish()
     except EdgePruneError:
         if not any(run.dir.rglob("*.pt")):  # refused before any training: leave nothing behind
             run.abandon()
         raise
-    final = run.finish()
+    finally:
+        run.release()
     primary = report.get("primary_metric", "metric")
     for a in report.get("artifacts", []):
         value, speedup = a.get("metric", {}).get(primary), a.get("latency", {}).get("speedup")

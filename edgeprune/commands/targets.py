@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..config import TARGETS_DIR, dump_yaml, load_target, target_paths
 from ..errors import ConfigError, EdgePruneError
+from ..safety import check_batch_memory
 
 targets_app = typer.Typer(help="Hardware targets (targets/*.yaml): list, show, validate.", no_args_is_help=True)
 
@@ -50,6 +51,8 @@ def validate_targets(names: Optional[list[str]] = typer.Argument(None, help="nam
     for name in names:
         try:
             t = load_target(name, targets_dir)
+            # the smallest input edgeprune takes (1x8x8): a batch that cannot fit even so is refused here
+            check_batch_memory(t, (1, 8, 8), f"target {t.name!r} (at the smallest input, 1x8x8)")
             typer.echo(f"ok      {t.name}")
         except EdgePruneError as exc:
             typer.echo(f"invalid {name}")

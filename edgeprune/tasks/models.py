@@ -55,7 +55,7 @@ def _from_factory(spec: str, num_classes: int) -> nn.Module:
     ``weights`` / ``weights_backbone`` are set to None (their default backbone weights would be downloaded)."""
     import inspect
 
-    from ..models import resolve_factory
+    from ..models import call_builder, resolve_factory
 
     factory = resolve_factory(spec)  # refuses untrusted modules before importing them
     params: Mapping[str, inspect.Parameter]
@@ -64,7 +64,7 @@ def _from_factory(spec: str, num_classes: int) -> nn.Module:
     except (TypeError, ValueError):
         params = {}
     kwargs: dict = {k: None for k in ("weights", "weights_backbone") if k in params}
-    model = factory(num_classes=num_classes, **kwargs)
+    model = call_builder(factory, {"num_classes": num_classes, **kwargs}, spec)  # time-boxed; its errors named
     if type(model).__name__ not in FIXED:
         raise PruneError(f"{spec} returned a {type(model).__name__}; task models must be one of {', '.join(FIXED)}")
     return model

@@ -47,12 +47,11 @@ def _log(msg: str) -> None:
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
-    if Path(path).suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from ..models import read_state_dict
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state_dict(path)  # safetensors or a weights-only .pt; NaN / inf refused
+    if isinstance(state, nn.Module):  # (only with trust_pickle, which the task pipeline never passes)
+        state = state.state_dict()
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # another architecture's or class count's weights
