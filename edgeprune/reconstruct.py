@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import PruneError
+from .patches import conv_rows
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -145,32 +145,6 @@ def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor, what: str) ->
     if not got:
         raise PruneError(f"{type(module).__name__} did not run in forward; cannot reconstruct it")
     return got[0].detach()
-
-
-def conv_rows(conv: nn.Conv2d, x: torch.Tensor, y: Optional[torch.Tensor], rows: int, gen: torch.Generator
-              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(B, C, H, W) input, (B, O, Ho, Wo) target -> (G, R, D/G) patches and (G, R, O/G) targets per group
-    (None without a target), at ``rows`` output positions drawn at random (all of them when there are fewer)."""
-    g = conv.groups
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,  # type: ignore[arg-type]
-                    stride=conv.stride)  # (B, D, L)
-    b, d, length = cols.shape
-    flat = torch.randperm(b * length, generator=gen)[:rows].to(x.device) if b * length > rows else None
-    cols = _positions(cols, flat)  # (R, D)
-    r = cols.shape[0]
-    if y is None:
-        return cols.view(r, g, d // g).transpose(0, 1), None
-    o = y.shape[1]
-    tgt = _positions(y.reshape(b, o, length), flat)  # (R, O)
-    return cols.view(r, g, d // g).transpose(0, 1), tgt.view(r, g, o // g).transpose(0, 1)
-
-
-def _positions(t: torch.Tensor, flat: Optional[torch.Tensor]) -> torch.Tensor:
-    """(B, K, L) -> (R, K): the columns at flat positions ``b * L + l`` (all of them when None)."""
-    b, k, length = t.shape
-    if flat is None:
-        return t.transpose(1, 2).reshape(-1, k)
-    return t[flat // length, :, flat % length]
 
 
 def _rows_linear(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

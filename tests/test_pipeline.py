@@ -136,6 +136,28 @@ def test_resume_after_crash_skips_finished_stages(tmp_path, tiny_weights, monkey
     assert result.report["artifacts"][0]["status"] == "ok"
 
 
+@needs_fmnist
+def test_calibration_only_run_reads_no_training_split(tmp_path, tiny_weights, monkeypatch):
+    """finetune.mode calibration: the report shows each recovery step, and the training split is never read."""
+    import edgeprune.context as context
+    import edgeprune.pipeline as pl
+
+    monkeypatch.setattr(context, "train_val", lambda *a, **k: pytest.fail("the training split was read"))
+    cfg = load_pipeline_config(write_config(tmp_path, tiny_weights, finetune={"mode": "calibration"}))
+    result = pl.run_pipeline(cfg, resolve_targets(cfg.targets[:1]), progress=False)
+    report = result.report
+    ft = report["finetune"]
+    assert ft["mode"] == "calibration" and ft["images"] == 100
+    assert [s["step"] for s in ft["steps"]] == ["pruned", "bn", "reconstruct"]  # distillation is off by default
+    pruned, bn, rec = (s["top1"] for s in ft["steps"])
+    assert pruned == report["accuracy"]["pruned_before_finetune"] and rec == report["accuracy"]["pruned"]
+    assert rec > pruned and ft["steps"][2]["layers_refit"] >= 3
+    assert report["data"]["train_images"] == 0
+    assert "## Recovery (finetune.mode calibration: 100 calibration images" in (result.run_dir / "report.md").read_text()
+    assert "history" in json.loads((result.run_dir / "pruned" / "pruned.json").read_text())
+    assert result.report["artifacts"][0]["status"] == "ok"
+
+
 def _assert_clean_failure(res, tmp_path, *needles):
     assert res.returncode != 0
     assert "Traceback" not in res.stderr, res.stderr[-2000:]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .criteria import ScoringContext
+    from .context import ScoringContext
 
 MAX_FEATURES = 8192  # a reader with more input features (channels x taps) adds its diagonal approximation
 
@@ -59,7 +59,7 @@ class _Gram:
         self.h: Any = None
 
     def __call__(self, _m: nn.Module, inputs: tuple) -> None:
-        from ..reconstruct import conv_rows
+        from ..patches import conv_rows
 
         x = inputs[0].detach()
         if isinstance(self.module, nn.Conv2d):
