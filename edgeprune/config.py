@@ -128,6 +128,14 @@ class DataConfig(Strict):
 # cell, and the best one (sae-mi+l1) was below it by more than the seed spread on two of the three models.
 # The SAE criteria stay registered (score.criterion: sae-mi+l1 | sae-mi | ...).
 DEFAULT_CRITERION = "l1"
+# Calibration-only recovery (finetune.mode: calibration) has its own default, the measured best of
+# benchmarks/results/calibration_only.md; it applies when the config does not name score.criterion.
+CALIBRATION_DEFAULT_CRITERION = "l1"
+
+
+def default_criterion(mode: str) -> str:
+    """The criterion a run scores with when its config names none, for a ``finetune.mode``."""
+    return CALIBRATION_DEFAULT_CRITERION if mode == "calibration" else DEFAULT_CRITERION
 
 
 def _criterion_names() -> Optional[list[str]]:
@@ -405,6 +413,15 @@ class PipelineConfig(Strict):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError(f"device {v!r} is not valid; valid: auto, cpu, cuda, cuda:N")
         return v
+
+    @model_validator(mode="after")
+    def _mode_default_criterion(self) -> "PipelineConfig":
+        """An unset score.criterion takes the recovery mode's measured default."""
+        if "criterion" not in self.score.model_fields_set:
+            wanted = default_criterion(self.finetune.mode)
+            if self.score.criterion != wanted:
+                self.score.criterion = wanted
+        return self
 
 
 # ----------------------------------------------------------------------------- loading

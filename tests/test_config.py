@@ -190,3 +190,12 @@ def test_config_import_stays_torch_free():
 
     code = "import sys, edgeprune.config; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_recovery_mode_picks_its_default_criterion_unless_one_is_named():
+    from edgeprune.config import CALIBRATION_DEFAULT_CRITERION, DEFAULT_CRITERION, PipelineConfig
+    assert PipelineConfig().score.criterion == DEFAULT_CRITERION
+    calib = PipelineConfig.model_validate({"finetune": {"mode": "calibration"}})
+    assert calib.score.criterion == CALIBRATION_DEFAULT_CRITERION
+    named = PipelineConfig.model_validate({"finetune": {"mode": "calibration"}, "score": {"criterion": "random"}})
+    assert named.score.criterion == "random"
